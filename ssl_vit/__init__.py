@@ -1,0 +1,35 @@
+"""ssl-vit core: the backbone interface, registries, shared layers and mask utilities."""
+
+from __future__ import annotations
+
+from .backbone import (
+    CAPABILITIES,
+    EXTRA_TOKENS,
+    MASK_TOKEN,
+    POS_FREE,
+    TOKEN_DROP,
+    VIDEO,
+    Backbone,
+    BackboneOutput,
+)
+from .errors import IncompatibleBackbone, InputShapeError, SslVitError, UnknownNameError
+from .objective import Objective, ViewSpec
+from .registry import (
+    create_backbone,
+    create_objective,
+    list_backbones,
+    list_objectives,
+    register_backbone,
+    register_objective,
+    register_presets,
+)
+from .token_backbone import TokenBackbone
+
+__all__ = [
+    "CAPABILITIES", "EXTRA_TOKENS", "MASK_TOKEN", "POS_FREE", "TOKEN_DROP", "VIDEO",
+    "Backbone", "BackboneOutput", "TokenBackbone", "Objective", "ViewSpec",
+    "IncompatibleBackbone", "InputShapeError", "SslVitError", "UnknownNameError",
+    "create_backbone", "create_objective", "list_backbones", "list_objectives",
+    "register_backbone", "register_objective", "register_presets",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,34 @@
+"""Exceptions raised by the library. Each says what is wrong and what to do."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class SslVitError(Exception):
+    """Base class of every error the library raises on purpose."""
+
+
+class IncompatibleBackbone(SslVitError, TypeError):
+    """An objective cannot run on a backbone: the message names the missing capability."""
+
+
+class UnknownNameError(SslVitError, KeyError):
+    """A registry name that does not exist; the message lists the closest names."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class InputShapeError(SslVitError, ValueError):
+    """An input whose channels or size do not fit the backbone."""
+
+
+def closest(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
+    """The `n` names in `choices` closest to `name` (difflib ratio), best first."""
+    choices = list(choices)
+    hits = difflib.get_close_matches(name, choices, n=n, cutoff=0.4)
+    if not hits:  # fall back to substring matches so "vit" still suggests something
+        hits = [c for c in choices if name in c or c in name][:n]
+    return hits

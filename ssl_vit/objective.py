@@ -1,0 +1,100 @@
+"""The objective contract: a pluggable pretraining strategy over the backbone interface.
+
+An objective is an `nn.Module` built from a backbone. It declares the views it needs
+(`view_specs`), checks the backbone's capabilities (`requires`), returns the scalar loss when called,
+keeps its last metrics in `metrics`, updates teachers and schedules in `on_step_end`, and says which
+module gets exported (`export_backbone`).
+
+Called on a plain image batch (`loss = mae(images)`, as in the seed README) it builds its views
+itself; the launcher instead passes the list of views it already made on the accelerator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .backbone import Backbone
+from .errors import IncompatibleBackbone
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """`count` random views of `size` (H, W) with these augmentations (per-sample parameters).
+
+    Probabilities are per sample; `jitter` is (brightness, contrast, saturation, hue).
+    `frames`: for video backbones, how many frames each view samples (None: all).
+    """
+
+    name: str
+    count: int
+    size: tuple[int, int]
+    scale: tuple[float, float] = (0.2, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    color_jitter: float = 0.0
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    grayscale: float = 0.0
+    blur: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize: float = 0.0
+    frames: int | None = None
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+class Objective(nn.Module):
+    """Base class of every objective.
+
+    `requires`: alternatives, each a set of capabilities; the backbone must have every capability
+    of at least one of them (MAE: token_drop, or mask_token as a fallback).
+    """
+
+    requires: tuple[frozenset[str], ...] = (frozenset(),)
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.check_backbone(backbone)
+        self.metrics: dict[str, float] = {}
+
+    @classmethod
+    def compatible(cls, backbone: nn.Module) -> bool:
+        caps = getattr(backbone, "capabilities", frozenset())
+        return any(req <= caps for req in cls.requires)
+
+    @classmethod
+    def check_backbone(cls, backbone: nn.Module) -> None:
+        """Raise IncompatibleBackbone naming what is missing and which objectives would work."""
+        if not isinstance(backbone, Backbone):
+            raise IncompatibleBackbone(
+                f"{cls.__name__} needs an ssl_vit.Backbone, got {type(backbone).__name__}; build it with "
+                "ssl_vit.create_backbone(...) or a class from `backbones`"
+            )
+        if cls.compatible(backbone):
+            return
+        from .registry import OBJECTIVES  # late: the registry imports plugins lazily
+
+        caps = backbone.capabilities
+        missing = " or ".join("+".join(sorted(req - caps)) for req in cls.requires)
+        working = [n for n in OBJECTIVES.names() if getattr(OBJECTIVES.get(n), "compatible", None)
+                   and OBJECTIVES.get(n).compatible(backbone)]
+        raise IncompatibleBackbone(
+            f"{cls.__name__} cannot train {type(backbone).__name__}: it needs the capability {missing}; "
+            f"objectives that work with this backbone: {', '.join(working) or 'none'}"
+        )
+
+    def view_specs(self) -> Sequence[ViewSpec]:
+        """The views this objective trains on, in the order `forward` receives them."""
+        raise NotImplementedError
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        """Teacher EMA, momentum and temperature schedules. Nothing by default."""
+
+    def export_backbone(self) -> nn.Module:
+        """The module that gets exported (the student by default; DINO and EsViT: the teacher)."""
+        return self.backbone
+
+    def forward(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError

@@ -1,0 +1,139 @@
+"""The isotropic-backbone skeleton shared by ViT and its token-based relatives.
+
+Order of operations (one place, so every capability behaves the same on every such model):
+patch embedding -> mask token on hidden cells -> positions -> `keep` gather -> prefix tokens
+(+ extra tokens) -> transformer -> final norm -> pooling.
+A subclass builds the pieces and overrides only what its paper changes (usually `run_blocks`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from timm.layers import trunc_normal_
+from torch import nn
+
+from .backbone import EXTRA_TOKENS, MASK_TOKEN, POS_FREE, TOKEN_DROP, Backbone, BackboneOutput
+from .embed import LearnedPosEmbed, PatchEmbed, SinCosPosEmbed, to_pair
+from .masking import gather_tokens, replace_masked
+
+
+class TokenBackbone(Backbone):
+    """Patch tokens through one transformer: (B, C, H, W) -> BackboneOutput with grid (H/p, W/p).
+
+    Subclasses call `build_tokens(...)` in their constructor, set `self.transformer` (called as
+    `transformer(x, attn_mask=...)` on (B, R+N, D), or any module taking (B, L, D)) and `self.norm`,
+    then optionally override `run_blocks`.
+    """
+
+    capabilities = frozenset({TOKEN_DROP, MASK_TOKEN, EXTRA_TOKENS, POS_FREE})
+
+    def build_tokens(
+        self,
+        *,
+        image_size,
+        patch_size,
+        dim: int,
+        channels: int = 3,
+        pos: str = "learned",
+        num_cls_tokens: int = 1,
+        pool: str = "cls",
+        emb_dropout: float = 0.0,
+        num_classes: int = 0,
+    ) -> None:
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        if pool == "cls" and num_cls_tokens == 0:
+            raise ValueError("pool='cls' needs a class token")
+        image_size, patch_size = to_pair(image_size), to_pair(patch_size)
+        for s, p in zip(image_size, patch_size):
+            if s % p:
+                raise ValueError(f"image dimension {s} must be divisible by the patch size {p}")
+        self.embed_dim, self.in_channels = dim, channels
+        self.default_size = image_size
+        self.mask_unit = patch_size
+        self.size_multiple = math.lcm(*patch_size)
+        self.num_prefix_tokens = num_cls_tokens
+        self.pool = pool
+        self.patch_embed = PatchEmbed(patch_size, channels, dim)
+        base_grid = tuple(s // p for s, p in zip(image_size, patch_size))
+        if pos == "learned":
+            self.pos_embed = LearnedPosEmbed(base_grid, dim)
+            # Class tokens get their own learned positions (timm keeps them in one table).
+            self.prefix_pos = nn.Parameter(torch.zeros(1, num_cls_tokens, dim)) if num_cls_tokens else None
+        elif pos == "sincos":
+            self.pos_embed, self.prefix_pos = SinCosPosEmbed(dim), None
+        else:
+            raise ValueError(f"pos must be 'learned' or 'sincos', got {pos!r}")
+        self.cls_token = nn.Parameter(torch.zeros(1, num_cls_tokens, dim)) if num_cls_tokens else None
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.emb_dropout = nn.Dropout(emb_dropout)
+        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else None
+        for p in (self.cls_token, self.mask_token, self.prefix_pos):
+            if p is not None:
+                trunc_normal_(p, std=0.02)
+
+    # ---- pieces a subclass may override -------------------------------------------------------
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, C, H, W) -> patch tokens (B, N, D) and their grid."""
+        return self.patch_embed(x)
+
+    def prefix(self, batch: int, use_pos: bool) -> torch.Tensor:
+        """Class tokens (B, R, D), with their positions."""
+        if self.cls_token is None:
+            return self.mask_token.new_zeros(batch, 0, self.embed_dim)
+        tokens = self.cls_token
+        if use_pos and self.prefix_pos is not None:
+            tokens = tokens + self.prefix_pos
+        return tokens.expand(batch, -1, -1)
+
+    def run_blocks(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, R+N, D) -> (B, R+N, D)."""
+        if attn_mask is None:
+            return self.transformer(x)
+        return self.transformer(x, attn_mask=attn_mask)
+
+    def pool_tokens(self, prefix: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        return prefix[:, 0] if self.pool == "cls" else patches.mean(dim=1)
+
+    # ---- the interface ----------------------------------------------------------------------
+    def forward_features(
+        self,
+        x: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
+        extra_tokens: torch.Tensor | None = None,
+        use_pos: bool = True,
+        kv_mask: torch.Tensor | None = None,
+    ) -> BackboneOutput:
+        """x (B, C, H, W) -> BackboneOutput.
+
+        kv_mask (B, h, w) bool, True = the token is dropped from the keys and values of every
+        attention layer but still queries (MP3, Zhai et al. 2022). Needs `pos_free`.
+        """
+        self.check_request(x, mask, keep, extra_tokens, use_pos)
+        tokens, grid = self.embed(x)
+        b = tokens.shape[0]
+        if mask is not None:
+            tokens = replace_masked(tokens, mask, self.mask_token[0, 0])
+        if use_pos:
+            tokens = tokens + self.pos_embed(grid, tokens.device, tokens.dtype)
+        if keep is not None:
+            tokens = gather_tokens(tokens, keep)
+        prefix = self.prefix(b, use_pos)
+        if extra_tokens is not None:
+            prefix = torch.cat([prefix, extra_tokens.to(prefix.dtype)], dim=1)
+        r = prefix.shape[1]
+        attn_mask = None
+        if kv_mask is not None:
+            visible = ~kv_mask.flatten(1)
+            if keep is not None:
+                visible = torch.gather(visible, 1, keep)
+            visible = torch.cat([visible.new_ones(b, r), visible], dim=1)  # prefix tokens always visible
+            attn_mask = visible[:, None, None, :]  # (B, 1, 1, L): True = may be attended to
+        h = self.emb_dropout(torch.cat([prefix, tokens], dim=1))
+        h = self.norm(self.run_blocks(h, attn_mask))
+        prefix_out, patches = h[:, :r], h[:, r:]
+        return BackboneOutput(patches, prefix_out, self.pool_tokens(prefix_out, patches), tuple(grid), keep)
