@@ -53,6 +53,7 @@ class Objective(nn.Module):
     """
 
     requires: tuple[frozenset[str], ...] = (frozenset(),)
+    needs_labels: bool = False  # the launcher passes `labels=` (B,) long when True (distillation)
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
@@ -92,9 +93,25 @@ class Objective(nn.Module):
     def on_step_end(self, step: int, total_steps: int) -> None:
         """Teacher EMA, momentum and temperature schedules. Nothing by default."""
 
+    def on_before_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Called after backward, before the optimizer step (DINO cancels last-layer gradients)."""
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (relative to this objective) of parameters excluded from weight decay."""
+        names = {n for n, p in self.named_parameters() if p.ndim <= 1}
+        backbone = getattr(self, "backbone", None)
+        if isinstance(backbone, Backbone):
+            prefix = next((n for n, m in self.named_children() if m is backbone), "backbone")
+            names |= {f"{prefix}.{n}" for n in backbone.no_weight_decay()}
+        return names
+
     def export_backbone(self) -> nn.Module:
         """The module that gets exported (the student by default; DINO and EsViT: the teacher)."""
         return self.backbone
 
     def forward(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """images: a plain batch (B, C, H, W) -> the objective makes its views itself (no
+        normalisation); or the list of views the launcher made, one tensor (B, C, h, w) per view in
+        `view_specs()` order (each spec expanded `count` times), already normalised.
+        Returns the scalar loss and fills `self.metrics`."""
         raise NotImplementedError
