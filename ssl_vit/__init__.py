@@ -13,6 +13,8 @@ from .backbone import (
     BackboneOutput,
 )
 from .errors import IncompatibleBackbone, InputShapeError, SslVitError, UnknownNameError
+from .export import load_backbone, save_backbone
+from .inspect import Extractor, Recorder
 from .objective import Objective, ViewSpec
 from .registry import (
     create_backbone,
@@ -31,5 +33,6 @@ __all__ = [
     "IncompatibleBackbone", "InputShapeError", "SslVitError", "UnknownNameError",
     "create_backbone", "create_objective", "list_backbones", "list_objectives",
     "register_backbone", "register_objective", "register_presets",
+    "Recorder", "Extractor", "load_backbone", "save_backbone",
 ]
 __version__ = "0.1.0"
