@@ -12,6 +12,7 @@ ImageNet statistics for uint8-decoded images.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Sequence
 
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from ssl_vit import InputShapeError, ViewSpec
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "make_views", "build_pipeline"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "make_views", "build_pipeline", "resolve_views"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -146,4 +147,28 @@ def _make(images: Tensor, specs: Sequence[ViewSpec], normalize, video: bool,
             if normalize is not None:
                 view = _normalise(view, normalize)
             views.append(view)
+    return views
+
+
+def spec_for_input(spec: ViewSpec, images: Tensor) -> ViewSpec:
+    """The same spec at the size of `images` (standalone calls train at the size they are given)."""
+    return dataclasses.replace(spec, size=tuple(int(s) for s in images.shape[-2:]))
+
+
+def resolve_views(specs: Sequence[ViewSpec], inputs: Tensor | Sequence[Tensor],
+                  generator: torch.Generator | None = None) -> list[Tensor]:
+    """What an objective's `forward` receives, as a list of views in `specs` order.
+
+    inputs: a plain batch (B, C, H, W) / (B, C, T, H, W): the views are made here at the batch's
+    own size, without normalisation (standalone use, as in the seed README); or the list of views
+    the launcher already made, returned as it is after a count check.
+    """
+    if isinstance(inputs, Tensor):
+        return make_views(inputs, [spec_for_input(s, inputs) for s in specs], generator=generator)
+    views = list(inputs)
+    want = sum(s.count for s in specs)
+    if len(views) != want:
+        raise InputShapeError(
+            f"expected {want} views ({', '.join(f'{s.count} x {s.name}' for s in specs)}), got {len(views)}"
+        )
     return views
