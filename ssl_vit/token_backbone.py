@@ -14,8 +14,8 @@ import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
-from .backbone import EXTRA_TOKENS, MASK_TOKEN, POS_FREE, TOKEN_DROP, Backbone, BackboneOutput
-from .embed import LearnedPosEmbed, PatchEmbed, SinCosPosEmbed, to_pair
+from .backbone import EXTRA_TOKENS, MASK_TOKEN, POS_FREE, TOKEN_DROP, VIDEO, Backbone, BackboneOutput
+from .embed import LearnedPosEmbed, PatchEmbed, PatchEmbed3d, SinCosPosEmbed, to_pair
 from .masking import gather_tokens, replace_masked
 
 
@@ -41,7 +41,14 @@ class TokenBackbone(Backbone):
         pool: str = "cls",
         emb_dropout: float = 0.0,
         num_classes: int = 0,
+        frames: int | None = None,
+        frame_patch_size: int | None = None,
     ) -> None:
+        """Patch embedding, positions, class and mask tokens, head.
+
+        With `frames` and `frame_patch_size` the backbone takes video (B, C, T, H, W) and its
+        grid is (t, h, w) of tubelets (Arnab et al. 2021).
+        """
         if pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
         if pool == "cls" and num_cls_tokens == 0:
@@ -51,12 +58,20 @@ class TokenBackbone(Backbone):
             if s % p:
                 raise ValueError(f"image dimension {s} must be divisible by the patch size {p}")
         self.embed_dim, self.in_channels = dim, channels
+        self.size_multiple = math.lcm(*patch_size)
+        if frames is not None:
+            frame_patch_size = frame_patch_size or 1
+            if frames % frame_patch_size:
+                raise ValueError(f"frames ({frames}) must be divisible by frame_patch_size ({frame_patch_size})")
+            self.capabilities = self.capabilities | {VIDEO}
+            image_size, patch_size = (frames, *image_size), (frame_patch_size, *patch_size)
+            self.patch_embed = PatchEmbed3d(patch_size, channels, dim)
+        else:
+            self.patch_embed = PatchEmbed(patch_size, channels, dim)
         self.default_size = image_size
         self.mask_unit = patch_size
-        self.size_multiple = math.lcm(*patch_size)
         self.num_prefix_tokens = num_cls_tokens
         self.pool = pool
-        self.patch_embed = PatchEmbed(patch_size, channels, dim)
         base_grid = tuple(s // p for s, p in zip(image_size, patch_size))
         if pos == "learned":
             self.pos_embed = LearnedPosEmbed(base_grid, dim)
@@ -75,8 +90,8 @@ class TokenBackbone(Backbone):
                 trunc_normal_(p, std=0.02)
 
     # ---- pieces a subclass may override -------------------------------------------------------
-    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """(B, C, H, W) -> patch tokens (B, N, D) and their grid."""
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """(B, C, H, W) or (B, C, T, H, W) -> patch tokens (B, N, D) and their grid."""
         return self.patch_embed(x)
 
     def prefix(self, batch: int, use_pos: bool) -> torch.Tensor:
@@ -110,6 +125,7 @@ class TokenBackbone(Backbone):
     ) -> BackboneOutput:
         """x (B, C, H, W) -> BackboneOutput.
 
+        x may be video (B, C, T, H, W) for backbones built with `frames`; grids are then (t, h, w).
         kv_mask (B, h, w) bool, True = the token is dropped from the keys and values of every
         attention layer but still queries (MP3, Zhai et al. 2022). Needs `pos_free`.
         """
