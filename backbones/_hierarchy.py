@@ -14,8 +14,6 @@ Not auto-imported (leading underscore): `from backbones._hierarchy import Hierar
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
@@ -93,9 +91,9 @@ class HierarchicalBackbone(Backbone):
         self.embed_dim = embed_dim
         self.stem_stride = stem_stride
         self.mask_unit = final_stride
+        # Normally a multiple of the final stride; a model whose last grids round up (LeViT) passes
+        # a smaller one and overrides `mask_grid`.
         self.size_multiple = size_multiple or final_stride
-        if self.size_multiple % final_stride:
-            self.size_multiple = math.lcm(self.size_multiple, final_stride)
         for s in self.default_size:
             if s % self.size_multiple:
                 raise ValueError(
@@ -119,11 +117,20 @@ class HierarchicalBackbone(Backbone):
         return pooled if norm is None else norm(pooled)
 
     # ---- the common path ----------------------------------------------------------------------
+    def stem_mask(self, mask: torch.Tensor, stem_grid: tuple[int, int]) -> torch.Tensor:
+        """The mask on the stem's grid, (B, h, w) -> (B, hs, ws); cropped where final cells overhang."""
+        factor = self.mask_unit // self.stem_stride
+        return upsample_mask(mask, factor)[:, : stem_grid[0], : stem_grid[1]]
+
     def apply_mask(self, feat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Replace hidden cells of the stem map (B, C, h, w) by the mask token."""
-        factor = self.mask_unit // self.stem_stride
-        hidden = upsample_mask(mask, factor).unsqueeze(1)  # (B, 1, h, w)
+        hidden = self.stem_mask(mask, feat.shape[-2:]).unsqueeze(1)  # (B, 1, h, w)
         return torch.where(hidden, self.mask_token.to(feat.dtype).view(1, -1, 1, 1), feat)
+
+    def hide(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Zero the pixels of hidden cells, (B, C, H, W)."""
+        s = self.stem_stride
+        return hide_pixels(x, self.stem_mask(mask, (x.shape[-2] // s, x.shape[-1] // s)))
 
     def forward_features(self, x: torch.Tensor, *, mask: torch.Tensor | None = None,
                          keep: torch.Tensor | None = None, extra_tokens: torch.Tensor | None = None,
@@ -131,7 +138,7 @@ class HierarchicalBackbone(Backbone):
         """(B, C, H, W) -> BackboneOutput: patch_tokens (B, h*w, D) of the final stage, pooled (B, D)."""
         self.check_request(x, mask, keep, extra_tokens, use_pos)
         if mask is not None and self.hide_before_stem:
-            x = hide_pixels(x, mask)
+            x = self.hide(x, mask)
         feat = self.stem(x)
         if mask is not None:
             feat = self.apply_mask(feat, mask)
