@@ -1,0 +1,103 @@
+"""`pretrain.py`: the command line of the launcher.
+
+    accelerate launch pretrain.py --objective NAME --backbone NAME [--data SHARDS] [--val-data SHARDS]
+        [--config FILE] [--set key=value ...] [--out DIR] [--steps N] [--resume [PATH]]
+
+`python pretrain.py ...` runs the same in one process. Bad input (names, pairs, config, data,
+resume target) ends with one line on stderr and exit status 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+
+from .errors import LaunchError
+
+EXAMPLES = """\
+examples:
+  accelerate launch pretrain.py --objective dino --backbone cvt          # demo on the embedded digits
+  accelerate launch pretrain.py --objective mae --backbone vit_small_patch16 \\
+      --data 'shards/train-{000000..000099}.tar' --set data.batch_size=128 --steps 100000
+  python pretrain.py --objective dino --backbone vit_tiny --out runs/x --resume   # continue runs/x
+"""
+
+
+def _names() -> str:
+    import ssl_vit
+
+    try:
+        objectives = ", ".join(ssl_vit.list_objectives())
+        backbones = ", ".join(ssl_vit.list_backbones())
+    except Exception as err:  # a broken plugin must not hide --help
+        return f"(could not list the registries: {err})"
+    wrap = lambda s: textwrap.fill(s, 100, initial_indent="  ", subsequent_indent="  ")
+    return f"objectives:\n{wrap(objectives)}\n\nbackbones:\n{wrap(backbones)}\n"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit status 2 (argparse's own status too)
+        raise LaunchError(f"{message} (python pretrain.py --help)")
+
+    def format_help(self) -> str:
+        return super().format_help() + "\n" + _names() + "\n" + EXAMPLES
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="pretrain.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+                description="Self-supervised pretraining of a backbone with an objective, on Accelerate. "
+                            "Configs: configs/defaults.yaml < configs/objectives/<objective>.yaml < "
+                            "configs/backbones/<backbone>.yaml < configs/profiles/<profile>.yaml < --config < --set.")
+    p.add_argument("--objective", help="objective registry name (listed below)")
+    p.add_argument("--backbone", help="backbone registry name (listed below)")
+    p.add_argument("--data", help="training shards: a .tar, a folder of .tar, a brace pattern "
+                                  "('shards/train-{000000..000099}.tar') or a pipe: URL; default: the embedded digits")
+    p.add_argument("--val-data", help="validation shards (same forms as --data)")
+    p.add_argument("--config", help="a YAML file merged over the presets")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set optim.lr=1e-3 (repeatable)")
+    p.add_argument("--out", help="output folder (checkpoints, export, logs); default runs/<objective>-<backbone>")
+    p.add_argument("--steps", type=int, help="optimizer steps of the schedule (train.steps)")
+    p.add_argument("--resume", nargs="?", const="latest", metavar="PATH",
+                   help="continue from the latest checkpoint of --out, or from PATH (a checkpoint or output folder)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command; returns the exit status (2 for bad input)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args = parser().parse_args(argv)
+        from . import config
+        from .loop import plan, train
+
+        cli: dict = {}
+        if args.data is not None:
+            cli.setdefault("data", {})["train"] = args.data
+        if args.val_data is not None:
+            cli.setdefault("data", {})["val"] = args.val_data
+        if args.steps is not None:
+            cli.setdefault("train", {})["steps"] = args.steps
+        if args.out is not None:
+            cli["out"] = args.out
+        cfg, sources = config.resolve(args.objective, args.backbone, config_file=args.config, sets=args.set, cli=cli,
+                                      profile_hint="demo")
+        if cfg["data"]["train"] is not None and cfg["profile"] == "demo" and _profile_was_auto(args):
+            # data given through --config / --set: no demo profile after all
+            cfg, sources = config.resolve(args.objective, args.backbone, config_file=args.config, sets=args.set,
+                                          cli=cli, profile_hint=None)
+        run = plan(cfg, args.resume)
+        train(run)
+    except LaunchError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: resume with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _profile_was_auto(args: argparse.Namespace) -> bool:
+    return not any(s.split("=", 1)[0].strip() == "profile" for s in args.set)

@@ -1,0 +1,186 @@
+"""Configuration of a pretraining run: YAML files merged in a fixed order, validated against the defaults.
+
+Order (later wins): `configs/defaults.yaml` < `configs/objectives/<objective>.yaml` <
+`configs/backbones/<backbone>.yaml` < `configs/profiles/<profile>.yaml` < `--config FILE` <
+`--set key=value`. Every key must exist in the defaults (the error names the closest keys), except
+inside `backbone_args` / `objective_args`, which are constructor keyword arguments. Files are read
+with `yaml.safe_load` only.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from configs import CONFIG_DIR
+
+from .errors import LaunchError
+
+FREE_KEYS = ("backbone_args", "objective_args")  # dicts whose keys are constructor arguments
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from a file (safe_load); LaunchError on a missing, malformed or non-mapping file."""
+    path = Path(path)
+    if not path.is_file():
+        raise LaunchError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        raise LaunchError(f"config file {path} is not valid YAML{at}: {getattr(err, 'problem', err)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise LaunchError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _flat_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        keys.append(key)
+        if isinstance(v, Mapping) and k not in FREE_KEYS:
+            keys.extend(_flat_keys(v, key + "."))
+    return keys
+
+
+def check_keys(update: Mapping[str, Any], schema: Mapping[str, Any], source: str, prefix: str = "") -> None:
+    """Raise LaunchError for the first key of `update` that the defaults do not have."""
+    for k, v in update.items():
+        key = f"{prefix}{k}"
+        if k not in schema:
+            known = _flat_keys(schema) if not prefix else [f"{prefix}{s}" for s in _flat_keys(schema)]
+            hint = difflib.get_close_matches(key, known, n=3, cutoff=0.5) or [
+                s for s in known if str(k) in s][:3]
+            raise LaunchError(f"unknown config key '{key}' in {source}"
+                              + (f"; closest: {', '.join(hint)}" if hint else "")
+                              + " (configs/defaults.yaml lists every key)")
+        if isinstance(schema[k], Mapping) and k not in FREE_KEYS:
+            if not isinstance(v, Mapping):
+                raise LaunchError(f"config key '{key}' in {source} must be a mapping, got {v!r}")
+            check_keys(v, schema[k], source, key + ".")
+        elif k in FREE_KEYS and v is not None and not isinstance(v, Mapping):
+            raise LaunchError(f"config key '{key}' in {source} must be a mapping of keyword arguments, got {v!r}")
+
+
+def merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge: mappings merge key by key, everything else replaces."""
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_set(items: Iterable[str]) -> dict[str, Any]:
+    """`["optim.lr=1e-3", "data.mean=[0.5,0.5,0.5]"]` -> nested dict; values parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise LaunchError(f"--set expects key=value, got '{item}'")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise LaunchError(f"--set {key}: the value '{raw}' is not valid YAML") from None
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise LaunchError(f"--set {key}: '{part}' was already given a value")
+        node[parts[-1]] = value
+    return tree
+
+
+def preset_file(kind: str, name: str) -> Path | None:
+    """configs/<kind>/<name>.yaml, else the longest file whose name is a prefix of `name`
+    (`cvt_tiny` uses `cvt.yaml`)."""
+    folder = CONFIG_DIR / kind
+    exact = folder / f"{name}.yaml"
+    if exact.is_file():
+        return exact
+    stems = sorted((p.stem for p in folder.glob("*.yaml")), key=len, reverse=True)
+    base = name.split(":", 1)[0]
+    for stem in stems:
+        if base.startswith(stem + "_") or base == stem:
+            return folder / f"{stem}.yaml"
+    return None
+
+
+def resolve(objective: str | None, backbone: str | None, *, config_file: str | None = None,
+            sets: Iterable[str] = (), cli: Mapping[str, Any] | None = None,
+            profile_hint: str | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The resolved config and the list of files merged, in order.
+
+    `cli` holds values from dedicated flags (`--data`, `--steps`, `--out`); they act like `--set`
+    given before the explicit ones. `profile_hint`: the profile `auto` resolves to.
+    """
+    defaults = read_yaml(CONFIG_DIR / "defaults.yaml")
+    user = read_yaml(config_file) if config_file else {}
+    check_keys(user, defaults, str(config_file))
+    set_tree = merge(parse_set([]), cli or {})
+    set_tree = merge(set_tree, parse_set(sets))
+    check_keys(set_tree, defaults, "--set")
+    # The objective and backbone may themselves come from the user file or --set.
+    picked = merge(merge({"objective": objective, "backbone": backbone}, _drop_none(user)), _drop_none(set_tree))
+    objective, backbone = picked.get("objective"), picked.get("backbone")
+
+    cfg = copy.deepcopy(defaults)
+    sources = [str(CONFIG_DIR / "defaults.yaml")]
+    for kind, name in (("objectives", objective), ("backbones", backbone)):
+        path = preset_file(kind, name) if name else None
+        if path is not None:
+            layer = read_yaml(path)
+            check_keys(layer, defaults, str(path))
+            cfg = merge(cfg, layer)
+            sources.append(str(path))
+    profile = merge(merge(cfg, user), set_tree).get("profile", "auto")
+    if profile == "auto":
+        profile = profile_hint
+    if profile and profile != "none":
+        path = CONFIG_DIR / "profiles" / f"{profile}.yaml"
+        if not path.is_file():
+            names = sorted(p.stem for p in (CONFIG_DIR / "profiles").glob("*.yaml"))
+            raise LaunchError(f"unknown profile '{profile}'; available: {', '.join(names)} or none")
+        layer = read_yaml(path)
+        check_keys(layer, defaults, str(path))
+        cfg = merge(cfg, layer)
+        sources.append(str(path))
+    cfg = merge(cfg, user)
+    if config_file:
+        sources.append(str(config_file))
+    cfg = merge(cfg, set_tree)
+    cfg["objective"], cfg["backbone"] = objective, backbone
+    cfg["profile"] = profile or "none"
+    for key in FREE_KEYS:
+        cfg[key] = dict(cfg.get(key) or {})
+    return cfg, sources
+
+
+def _drop_none(tree: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in tree.items() if k in ("objective", "backbone") and v is not None}
+
+
+def dump(cfg: Mapping[str, Any], path: str | Path) -> None:
+    """Write the resolved config as YAML (safe_dump: plain types only)."""
+    Path(path).write_text(yaml.safe_dump(_plain(cfg), sort_keys=False))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

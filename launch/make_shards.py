@@ -1,0 +1,151 @@
+"""Image folder -> WebDataset tar shards with a manifest.
+
+    python -m launch.make_shards IMAGE_DIR OUT_DIR [--shard-size N] [--prefix train]
+
+Class subfolders become integer labels (sorted names -> 0, 1, ...); a flat folder has no labels.
+Files are visited in sorted order, so the shards are the same on every run. Each sample is
+`__key__`, the image bytes under its own extension (`jpg`, `png`, `webp`) and `cls` when labelled.
+Unreadable files are reported and skipped. `manifest.json` records the sample count per shard, the
+classes and the skipped files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tarfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from PIL import Image
+
+from .errors import LaunchError
+
+IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+CONVERT_EXTS = {".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}  # re-encoded as png
+
+
+class ShardWriter:
+    """Writes samples into `<prefix>-000000.tar`, `<prefix>-000001.tar`, ... of `shard_size` samples.
+
+    Deterministic bytes: fixed mtime, owner and order, so the same input gives the same shards.
+    """
+
+    def __init__(self, out_dir: str | Path, prefix: str = "train", shard_size: int = 1000) -> None:
+        if shard_size < 1:
+            raise LaunchError(f"--shard-size must be at least 1, got {shard_size}")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.prefix, self.shard_size = prefix, shard_size
+        self.shards: list[dict] = []
+        self._tar: tarfile.TarFile | None = None
+        self._count = 0
+
+    def _open(self) -> None:
+        name = f"{self.prefix}-{len(self.shards):06d}.tar"
+        self._tar = tarfile.open(self.out_dir / name, "w", format=tarfile.USTAR_FORMAT)
+        self.shards.append({"name": name, "samples": 0})
+
+    def write(self, key: str, files: dict[str, bytes]) -> None:
+        if self._tar is None or self.shards[-1]["samples"] >= self.shard_size:
+            self.close_shard()
+            self._open()
+        for ext, data in files.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            self._tar.addfile(info, io.BytesIO(data))
+        self.shards[-1]["samples"] += 1
+        self._count += 1
+
+    def close_shard(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+
+    def close(self) -> int:
+        self.close_shard()
+        return self._count
+
+
+def pattern(prefix: str, count: int) -> str:
+    """The brace pattern naming `count` shards: `train-{000000..000007}.tar`."""
+    return f"{prefix}-{{000000..{count - 1:06d}}}.tar" if count > 1 else f"{prefix}-000000.tar"
+
+
+def list_images(image_dir: Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    """(file, label) in sorted order and the class names; label -1 for a flat folder."""
+    subdirs = sorted(p for p in image_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    allowed = set(IMAGE_EXTS) | CONVERT_EXTS
+    if subdirs:
+        files = [(f, label) for label, d in enumerate(subdirs) for f in sorted(d.rglob("*"))
+                 if f.is_file() and f.suffix.lower() in allowed]
+        return files, [d.name for d in subdirs]
+    files = [(f, -1) for f in sorted(image_dir.iterdir()) if f.is_file() and f.suffix.lower() in allowed]
+    return files, []
+
+
+def encode(path: Path) -> tuple[str, bytes]:
+    """(extension, bytes) of an image file, checked by decoding it; raises on an unreadable file."""
+    data = path.read_bytes()
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        ext = IMAGE_EXTS.get(path.suffix.lower())
+        if ext is None or img.format not in ("JPEG", "PNG", "WEBP"):
+            buf = io.BytesIO()
+            img.convert("RGB").save(buf, format="PNG")
+            return "png", buf.getvalue()
+    return ext, data
+
+
+def make_shards(image_dir: str | Path, out_dir: str | Path, *, shard_size: int = 1000, prefix: str = "train",
+                log: Iterable | None = None) -> dict:
+    """Write the shards and `manifest.json`; returns the manifest."""
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise LaunchError(f"image folder {image_dir} does not exist")
+    files, classes = list_images(image_dir)
+    if not files:
+        raise LaunchError(f"no images (jpg, png, webp, bmp, gif, tif) in {image_dir}")
+    writer = ShardWriter(out_dir, prefix, shard_size)
+    skipped = []
+    for index, (path, label) in enumerate(files):
+        try:
+            ext, data = encode(path)
+        except Exception as err:  # any decoder error: report, skip, go on
+            skipped.append(str(path))
+            print(f"skipping unreadable image {path}: {type(err).__name__}: {err}", file=sys.stderr)
+            continue
+        sample = {ext: data}
+        if label >= 0:
+            sample["cls"] = str(label).encode()
+        writer.write(f"{index:08d}", sample)
+    count = writer.close()
+    manifest = {"samples": count, "shards": writer.shards, "pattern": pattern(prefix, len(writer.shards)),
+                "classes": classes, "num_classes": len(classes), "skipped": skipped,
+                "source": str(image_dir)}
+    (Path(out_dir) / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch.make_shards", description=__doc__.split("\n\n")[0])
+    parser.add_argument("image_dir", help="folder of images; class subfolders become labels")
+    parser.add_argument("out_dir", help="where the .tar shards and manifest.json are written")
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    parser.add_argument("--prefix", default="train", help="shard file prefix (default train)")
+    args = parser.parse_args(argv)
+    try:
+        manifest = make_shards(args.image_dir, args.out_dir, shard_size=args.shard_size, prefix=args.prefix)
+    except LaunchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{manifest['samples']} samples in {len(manifest['shards'])} shards: "
+          f"{Path(args.out_dir) / manifest['pattern']} ({manifest['num_classes']} classes, "
+          f"{len(manifest['skipped'])} skipped)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
