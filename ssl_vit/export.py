@@ -225,20 +225,21 @@ def read_meta(export_dir: str | os.PathLike) -> dict[str, Any]:
         meta = json.loads((d / META_FILE).read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{d / META_FILE} is not valid JSON: {err}") from None
-    if not isinstance(meta, dict) or not ("registry_name" in meta or "class_name" in meta):
+    if not isinstance(meta, dict) or not (meta.get("registry_name") or meta.get("class_name") or meta.get("class")):
         raise ValueError(f"{d / META_FILE} names neither a registry_name nor a class_name to rebuild")
     return meta
 
 
 def build_from_meta(meta: dict[str, Any]) -> nn.Module:
     """A freshly initialised backbone with the architecture `meta` describes."""
-    if "registry_name" in meta:
-        return create_backbone(meta["registry_name"], **meta.get("overrides", {}))
+    if meta.get("registry_name"):
+        return create_backbone(meta["registry_name"], **(meta.get("overrides") or {}))
     load_plugins()  # the class lives in a plugin package (backbones/...)
-    cls = Backbone._classes.get(meta["class_name"])
+    name = meta.get("class_name") or meta.get("class")
+    cls = Backbone._classes.get(name)
     if cls is None:
-        raise UnknownNameError(f"backbone class '{meta['class_name']}' is not defined (is its plugin installed?)")
-    return cls(**meta.get("init_config", {}))
+        raise UnknownNameError(f"backbone class '{name}' is not defined (is its plugin installed?)")
+    return cls(**(meta.get("init_config") or {}))
 
 
 def load_backbone(export_dir: str | os.PathLike, *, device: str | torch.device = "cpu",
