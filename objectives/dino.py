@@ -1,0 +1,327 @@
+"""DINO: self-distillation with no labels (Caron et al. 2021, "Emerging Properties in
+Self-Supervised Vision Transformers", arXiv:2104.14294).
+
+A student (backbone + DINO head) sees two global crops and N local crops; a teacher (an EMA copy of
+both, no gradients) sees the two global crops. The student's softmax over K prototypes (temperature
+0.1) is trained to match the teacher's centred, sharpened softmax (temperature warmed up from 0.04 to
+0.07) for every pair of different views. The centre is an EMA (momentum 0.9) of the teacher's mean
+output, the teacher momentum follows a cosine schedule 0.996 -> 1, and the prototype layer is frozen
+for the first epoch.
+
+Crops of the same size go through the backbone in one batch (one pass for the globals, one for the
+locals), and the loss over all view pairs is one vectorised expression.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ssl_vit import Backbone, BackboneOutput, Objective, ViewSpec, register_objective
+
+from .ema import cosine_schedule, ema_update_, frozen_copy, linear_warmup
+from .heads import DINOHead
+from .views import make_views
+
+__all__ = ["Dino", "dino_loss", "dino_view_specs", "encode_views"]
+
+log = logging.getLogger(__name__)
+
+
+def dino_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, center: torch.Tensor,
+              student_temp: float, teacher_temp: float) -> torch.Tensor:
+    """DINO's multi-crop cross-entropy.
+
+    student_logits (V, B, K): every view, the G global views first; teacher_logits (G, B, K) of the
+    global views; center (K,). Mean over the G * (V - 1) pairs (teacher view i, student view v != i)
+    of mean_b H(softmax((t_i - c) / teacher_temp), softmax(s_v / student_temp)).
+
+    The sum over student views is taken once, and each teacher view subtracts its own (same-view)
+    term: one pass over the (V, B, K) tensor instead of a loop over view pairs.
+    """
+    g, v = teacher_logits.shape[0], student_logits.shape[0]
+    if g > v or student_logits.shape[1:] != teacher_logits.shape[1:]:
+        raise ValueError(f"dino_loss: student (V, B, K) {tuple(student_logits.shape)} and teacher (G, B, K) "
+                         f"{tuple(teacher_logits.shape)} must share B and K with G <= V")
+    if v < 2:
+        raise ValueError("dino_loss needs at least two views")
+    log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1)                       # (V, B, K)
+    q = F.softmax((teacher_logits.float() - center.float()) / teacher_temp, dim=-1).detach()    # (G, B, K)
+    others = log_p.sum(0, keepdim=True) - log_p[:g]                                           # (G, B, K)
+    n_terms = g * (v - 1)
+    return -(q * others).sum(-1).mean(-1).sum() / n_terms
+
+
+@torch.no_grad()
+def update_center_(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float) -> None:
+    """center <- m * center + (1 - m) * mean teacher output, averaged over every process.
+
+    center (K,); teacher_logits (..., K).
+    """
+    flat = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1]).float()
+    batch_center = flat.sum(0)
+    count = flat.shape[0]
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(batch_center)
+        count *= dist.get_world_size()
+    center.mul_(momentum).add_(batch_center / count, alpha=1.0 - momentum)
+
+
+def scaled_size(size: Sequence[int], numerator: int, denominator: int, multiple: int) -> tuple[int, ...]:
+    """size * numerator / denominator, each side rounded to a multiple of `multiple` (at least one)."""
+    return tuple(max(multiple, int(round(s * numerator / denominator / multiple)) * multiple) for s in size)
+
+
+def dino_view_specs(global_size: tuple[int, int], local_size: tuple[int, int], num_local: int,
+                    global_scale: tuple[float, float] = (0.4, 1.0),
+                    local_scale: tuple[float, float] = (0.05, 0.4)) -> list[ViewSpec]:
+    """DINO's augmentation recipe: flip, colour jitter 0.8, grayscale 0.2; blur 1.0 / 0.1 / 0.5 and
+    solarize 0 / 0.2 / 0 for global crop 1 / global crop 2 / local crops."""
+    common = dict(hflip=0.5, color_jitter=0.8, jitter=(0.4, 0.4, 0.2, 0.1), grayscale=0.2, blur_sigma=(0.1, 2.0))
+    specs = [
+        ViewSpec("global_1", 1, tuple(global_size), scale=global_scale, blur=1.0, **common),
+        ViewSpec("global_2", 1, tuple(global_size), scale=global_scale, blur=0.1, solarize=0.2, **common),
+    ]
+    if num_local > 0:
+        specs.append(ViewSpec("local", num_local, tuple(local_size), scale=local_scale, blur=0.5, **common))
+    return specs
+
+
+def encode_views(backbone: nn.Module, views: Sequence[torch.Tensor]) -> list[tuple[int, BackboneOutput]]:
+    """Run consecutive views of the same shape through the backbone as one batch.
+
+    views: V tensors (B, C, ...). Returns (number of views, BackboneOutput over n*B samples) per
+    group, view-major (sample i of view j is row j * B + i).
+    """
+    groups: list[list[torch.Tensor]] = []
+    for view in views:
+        if groups and groups[-1][0].shape == view.shape:
+            groups[-1].append(view)
+        else:
+            groups.append([view])
+    out = []
+    for group in groups:
+        batch = group[0] if len(group) == 1 else torch.cat(group)
+        out.append((len(group), backbone.forward_features(batch)))
+    return out
+
+
+class Dino(Objective):
+    """DINO over any backbone: (B, C, H, W) images, or the launcher's views -> scalar loss.
+
+    Seed arguments (vit-pytorch's `Dino`) keep their names; the values are DINO's unless given:
+    `projection_hidden_size` the head's hidden width (2048), `projection_layers` linear layers of the
+    head counting the prototype layer (4: a 3-layer MLP + prototypes), `num_classes_K` prototypes
+    (65536), `student_temp` 0.1, `teacher_temp` the temperature the warm-up starts from (0.04,
+    reaching `teacher_temp_final` 0.07 after `warmup_teacher_temp_steps`, default 30% of training),
+    `moving_average_decay` the teacher momentum at step 0 (0.996, cosine to `final_momentum` 1),
+    `center_moving_average_decay` 0.9, crop scales (0.4, 1) and (0.05, `local_upper_crop_scale`).
+    `hidden_layer` is accepted and ignored: features come from `forward_features(...).pooled`.
+    `augment_fn`/`augment_fn2`, if given, are applied to the batch before the crops of global view 1
+    (and the local crops) / global view 2, on top of DINO's recipe.
+    """
+
+    requires = (frozenset(),)
+    tiny_overrides = dict(image_size=None, num_classes_K=256, projection_hidden_size=64, bottleneck_dim=32,
+                          num_local_crops=2)
+    num_global_crops = 2
+
+    def __init__(
+        self,
+        net: Backbone,
+        image_size: int | Sequence[int] | None = 224,
+        hidden_layer: str | int | None = None,
+        projection_hidden_size: int = 2048,
+        num_classes_K: int = 65536,
+        projection_layers: int = 4,
+        student_temp: float = 0.1,
+        teacher_temp: float = 0.04,
+        local_upper_crop_scale: float = 0.4,
+        global_lower_crop_scale: float = 0.4,
+        moving_average_decay: float = 0.996,
+        center_moving_average_decay: float = 0.9,
+        augment_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        augment_fn2: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        *,
+        num_local_crops: int = 6,
+        local_crop_size: int | Sequence[int] | None = None,
+        bottleneck_dim: int = 256,
+        norm_last_layer: bool = True,
+        teacher_temp_final: float = 0.07,
+        warmup_teacher_temp_steps: int | None = None,
+        final_momentum: float = 1.0,
+        freeze_last_layer_steps: int | None = None,
+    ) -> None:
+        super().__init__(net)
+        if projection_layers < 2:
+            raise ValueError(f"projection_layers counts the prototype layer and must be >= 2, got {projection_layers}")
+        if num_local_crops < 0:
+            raise ValueError(f"num_local_crops must be >= 0, got {num_local_crops}")
+        self.backbone = net
+        spatial = tuple(net.default_size[-2:])
+        if image_size is None:
+            self.global_size = spatial
+        else:
+            self.global_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        net.check_size(self.global_size)
+        m = net.size_multiple
+        if local_crop_size is None:  # 96 px at 224 px, scaled and rounded to what the backbone accepts
+            self.local_size = scaled_size(self.global_size, 96, 224, m)
+        else:
+            self.local_size = ((local_crop_size, local_crop_size) if isinstance(local_crop_size, int)
+                               else tuple(local_crop_size))
+        net.check_size(self.local_size)
+        self.num_local_crops = num_local_crops
+        self.global_scale = (global_lower_crop_scale, 1.0)
+        self.local_scale = (0.05, local_upper_crop_scale)
+        self.augment_fn, self.augment_fn2 = augment_fn, augment_fn2
+        if hidden_layer is not None:
+            log.debug("%s ignores hidden_layer=%r: features come from forward_features", type(self).__name__,
+                      hidden_layer)
+
+        self.num_prototypes = num_classes_K
+        self.head = DINOHead(net.embed_dim, num_classes_K, projection_hidden_size, bottleneck_dim,
+                             nlayers=projection_layers - 1, norm_last_layer=norm_last_layer)
+        self.build_extra_heads(net.embed_dim, num_classes_K, projection_hidden_size, bottleneck_dim,
+                               projection_layers - 1, norm_last_layer)
+        self.teacher = frozen_copy(nn.ModuleDict(self.student_modules()))
+        self.register_buffer("center", torch.zeros(num_classes_K))
+
+        self.student_temp = student_temp
+        self.teacher_temp_start, self.teacher_temp_final = teacher_temp, teacher_temp_final
+        self.warmup_teacher_temp_steps = warmup_teacher_temp_steps
+        self.base_momentum, self.final_momentum = moving_average_decay, final_momentum
+        self.center_momentum = center_moving_average_decay
+        self.freeze_last_layer_steps = freeze_last_layer_steps
+        # schedule state: a buffer so checkpoints resume it, mirrored in Python to avoid device syncs
+        self.register_buffer("next_step", torch.zeros((), dtype=torch.long))
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._sync_schedule())
+        self.momentum = moving_average_decay
+        self.teacher_temp = teacher_temp
+        self._next_step = 0
+
+    # ---- pieces EsViT extends -------------------------------------------------------------------
+    def build_extra_heads(self, dim: int, k: int, hidden: int, bottleneck: int, nlayers: int, norm_last: bool) -> None:
+        """Heads beyond the view-level one (EsViT's region head)."""
+
+    def student_modules(self) -> dict[str, nn.Module]:
+        """The modules the teacher copies and follows by EMA."""
+        return {"backbone": self.backbone, "head": self.head}
+
+    @property
+    def teacher_backbone(self) -> nn.Module:
+        return self.teacher["backbone"]
+
+    # ---- views --------------------------------------------------------------------------------
+    def view_specs(self) -> list[ViewSpec]:
+        return dino_view_specs(self.global_size, self.local_size, self.num_local_crops, self.global_scale,
+                               self.local_scale)
+
+    def make_own_views(self, images: torch.Tensor) -> list[torch.Tensor]:
+        specs = self.view_specs()
+        if self.augment_fn is None and self.augment_fn2 is None:
+            return make_views(images, specs)
+        first = self.augment_fn(images) if self.augment_fn is not None else images
+        second = self.augment_fn2(images) if self.augment_fn2 is not None else images
+        views = make_views(first, specs[:1]) + make_views(second, specs[1:2])
+        return views + (make_views(first, specs[2:]) if len(specs) > 2 else [])
+
+    def _views(self, images: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        views = self.make_own_views(images) if isinstance(images, torch.Tensor) else list(images)
+        want = self.num_global_crops + self.num_local_crops
+        if len(views) != want:
+            raise ValueError(f"{type(self).__name__} expects {want} views (2 global + {self.num_local_crops} local) "
+                             f"in view_specs() order, got {len(views)}")
+        return views
+
+    # ---- training -----------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """images (B, C, H, W) (standalone: DINO's views are made here) or the list of views
+        [global_1, global_2, local x N], each (B, C, h, w). Returns the scalar loss."""
+        views = self._views(images)
+        g = self.num_global_crops
+        student = encode_views(self.backbone, views)
+        with torch.no_grad():
+            teacher = encode_views(self.teacher_backbone, views[:g])
+        loss, metrics = self.compute_loss(student, teacher, views[0].shape[0])
+        self.metrics = {"loss": float(loss.detach()), "teacher_temp": self.teacher_temp,
+                        "momentum": self.momentum, **metrics}
+        return loss
+
+    def compute_loss(self, student: list[tuple[int, BackboneOutput]], teacher: list[tuple[int, BackboneOutput]],
+                     batch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss from the grouped backbone outputs of the student (all views) and teacher (globals)."""
+        s_logits, t_logits = self.view_logits(student, teacher, batch)
+        loss = dino_loss(s_logits, t_logits, self.center, self.student_temp, self.teacher_temp)
+        if self.training:
+            update_center_(self.center, t_logits, self.center_momentum)
+        return loss, {}
+
+    def view_logits(self, student, teacher, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Student (V, B, K) and teacher (G, B, K) prototype logits of the pooled features."""
+        pooled = torch.cat([out.pooled for _, out in student])
+        s_logits = self.head(pooled).view(-1, batch, self.num_prototypes)
+        with torch.no_grad():
+            t_pooled = torch.cat([out.pooled for _, out in teacher])
+            t_logits = self.teacher["head"](t_pooled).view(-1, batch, self.num_prototypes)
+        return s_logits, t_logits
+
+    # ---- schedules ------------------------------------------------------------------------------
+    def _sync_schedule(self, total_steps: int | None = None) -> None:
+        self._next_step = int(self.next_step)
+        if total_steps is not None:
+            self.teacher_temp = self.teacher_temp_at(self._next_step, total_steps)
+
+    def teacher_temp_at(self, step: int, total_steps: int) -> float:
+        warmup = self.warmup_teacher_temp_steps
+        if warmup is None:  # DINO warms up over 30 of 100 epochs
+            warmup = int(round(0.3 * total_steps))
+        return linear_warmup(step, warmup, self.teacher_temp_start, self.teacher_temp_final)
+
+    def momentum_at(self, step: int, total_steps: int) -> float:
+        return cosine_schedule(step, total_steps, self.base_momentum, self.final_momentum)
+
+    def update_moving_average(self) -> None:
+        """One EMA step of the teacher (backbone and heads) at the current momentum (seed name)."""
+        ema_update_(self.teacher, nn.ModuleDict(self.student_modules()), self.momentum)
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        """Teacher EMA at the cosine momentum of `step`; teacher temperature for the next step."""
+        self.momentum = self.momentum_at(step, total_steps)
+        self.update_moving_average()
+        self._next_step = step + 1
+        self.next_step.fill_(step + 1)
+        self.teacher_temp = self.teacher_temp_at(step + 1, total_steps)
+
+    def frozen_last_layer_steps(self, total_steps: int) -> int:
+        if self.freeze_last_layer_steps is None:  # DINO: the first epoch of 100
+            return max(1, math.ceil(total_steps / 100))
+        return self.freeze_last_layer_steps
+
+    def last_layers(self) -> list[nn.Module]:
+        return [self.head.last_layer]
+
+    def on_before_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Drop the prototype layers' gradients during the first epoch (DINO's freeze_last_layer)."""
+        if step < self.frozen_last_layer_steps(total_steps):
+            for layer in self.last_layers():
+                for p in layer.parameters():
+                    p.grad = None
+
+    def train(self, mode: bool = True) -> Dino:
+        super().train(mode)
+        self.teacher.eval()  # the teacher never uses dropout or drop path
+        return self
+
+    def export_backbone(self) -> nn.Module:
+        """The teacher's backbone: DINO evaluates and releases the teacher."""
+        return self.teacher_backbone
+
+
+register_objective("dino", Dino)

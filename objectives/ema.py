@@ -1,0 +1,62 @@
+"""Teacher helpers shared by the self-distillation objectives (DINO, EsViT): a frozen copy of the
+student, the EMA step and the schedules of Caron et al. 2021 ("Emerging Properties in
+Self-Supervised Vision Transformers", Sec. 3.1 and App. B).
+
+The EMA step is vectorised over all parameters with `torch._foreach_*` kernels: one call for the
+whole model instead of a Python loop of small tensor operations per parameter.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["cosine_schedule", "linear_warmup", "frozen_copy", "ema_update_"]
+
+
+def cosine_schedule(step: int, total_steps: int, start: float, end: float) -> float:
+    """Cosine ramp from `start` (step 0) to `end` (step total_steps - 1 and later).
+
+    DINO's teacher momentum: 0.996 -> 1, m(t) = end - (end - start) (cos(pi t / T) + 1) / 2.
+    """
+    if total_steps <= 1:
+        return float(end if step > 0 else start)
+    t = min(max(step, 0), total_steps - 1) / (total_steps - 1)
+    return float(end - (end - start) * (math.cos(math.pi * t) + 1) / 2)
+
+
+def linear_warmup(step: int, warmup_steps: int, start: float, end: float) -> float:
+    """Linear ramp from `start` to `end` over `warmup_steps`, then `end` (teacher temperature)."""
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return float(end)
+    return float(start + (end - start) * max(step, 0) / warmup_steps)
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy with no gradients, kept in eval mode (no dropout or drop path in the teacher)."""
+    teacher = copy.deepcopy(module)
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+@torch.no_grad()
+def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, for every parameter at once.
+
+    Floating-point buffers (e.g. BatchNorm statistics) are copied from the student, since the
+    teacher runs in eval mode and never updates its own.
+    """
+    t_params = [p for p in teacher.parameters()]
+    s_params = [p.detach() for p in student.parameters()]
+    if len(t_params) != len(s_params):
+        raise ValueError(f"teacher has {len(t_params)} parameters, student {len(s_params)}: not copies")
+    if t_params:
+        # lerp: t + (1 - m) (s - t) = m t + (1 - m) s, in one fused kernel per tensor group
+        torch._foreach_lerp_(t_params, s_params, 1.0 - float(momentum))
+    t_bufs = [b for b in teacher.buffers() if b.is_floating_point()]
+    s_bufs = [b for b in student.buffers() if b.is_floating_point()]
+    if t_bufs and len(t_bufs) == len(s_bufs):
+        torch._foreach_copy_(t_bufs, s_bufs)

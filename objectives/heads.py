@@ -1,0 +1,73 @@
+"""Projection heads of the self-distillation objectives.
+
+`DINOHead` (Caron et al. 2021, Sec. 3.1 and App. "Projection head"): an MLP (GELU, no batch norm)
+ending in a bottleneck, l2 normalisation, then a weight-normalised linear layer without bias onto K
+prototypes. With `norm_last_layer=True` (DINO's default for ViTs) the weight-norm gain is fixed at
+1, so the last layer is simply `F.normalize(v, dim=1)`; we compute it that way instead of through
+`torch.nn.utils.weight_norm` (same function, no parametrisation bookkeeping).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from torch import nn
+
+__all__ = ["DINOHead", "WeightNormLinear"]
+
+
+class WeightNormLinear(nn.Module):
+    """y = g * x @ (v / ||v||)^T, row-wise norms, no bias. (N, D) -> (N, K).
+
+    fixed_norm=True: g = 1 and not learned (DINO's `norm_last_layer`).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, fixed_norm: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_dim, in_dim))
+        trunc_normal_(self.weight, std=0.02)
+        self.gain = None if fixed_norm else nn.Parameter(torch.ones(out_dim))
+
+    def normalized_weight(self) -> torch.Tensor:
+        w = F.normalize(self.weight, dim=1)
+        return w if self.gain is None else w * self.gain[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.normalized_weight())
+
+
+class DINOHead(nn.Module):
+    """(..., in_dim) -> (..., out_dim) logits over K prototypes.
+
+    `nlayers` linear layers (in_dim -> hidden -> ... -> bottleneck), l2 normalisation, then the
+    weight-normalised `last_layer`. DINO: nlayers=3, hidden 2048, bottleneck 256, K=65536.
+    `project` and `last_layer` are separate so a loss can recompute the last layer in chunks.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 nlayers: int = 3, norm_last_layer: bool = True) -> None:
+        super().__init__()
+        if nlayers < 1:
+            raise ValueError(f"DINOHead needs at least one MLP layer, got nlayers={nlayers}")
+        if out_dim < 1:
+            raise ValueError(f"DINOHead needs a positive number of prototypes, got out_dim={out_dim}")
+        dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < nlayers - 1:
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        for m in self.mlp.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, fixed_norm=norm_last_layer)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_dim) -> (..., bottleneck) unit vectors."""
+        return F.normalize(self.mlp(x), dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(self.project(x))
