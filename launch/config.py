@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,18 @@ from configs import CONFIG_DIR
 from .errors import LaunchError
 
 FREE_KEYS = ("backbone_args", "objective_args")  # dicts whose keys are constructor arguments
+# YAML 1.1 (PyYAML) reads `1e-3` as a string; numbers in exponent form without a dot are made floats.
+_EXP_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _numbers(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if isinstance(value, str) and _EXP_FLOAT.match(value.strip()):
+        return float(value)
+    return value
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -39,7 +52,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise LaunchError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
-    return data
+    return _numbers(data)
 
 
 def _flat_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -52,21 +65,27 @@ def _flat_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
     return keys
 
 
-def check_keys(update: Mapping[str, Any], schema: Mapping[str, Any], source: str, prefix: str = "") -> None:
+def check_keys(update: Mapping[str, Any], schema: Mapping[str, Any], source: str, prefix: str = "",
+               root: Mapping[str, Any] | None = None) -> None:
     """Raise LaunchError for the first key of `update` that the defaults do not have."""
+    root = schema if root is None else root
     for k, v in update.items():
         key = f"{prefix}{k}"
         if k not in schema:
-            known = _flat_keys(schema) if not prefix else [f"{prefix}{s}" for s in _flat_keys(schema)]
-            hint = difflib.get_close_matches(key, known, n=3, cutoff=0.5) or [
+            full = key
+            while isinstance(v, Mapping) and v:  # name the whole dotted key the user wrote
+                k2, v = next(iter(v.items()))
+                full = f"{full}.{k2}"
+            known = _flat_keys(root)
+            hint = difflib.get_close_matches(full, known, n=3, cutoff=0.5) or [
                 s for s in known if str(k) in s][:3]
-            raise LaunchError(f"unknown config key '{key}' in {source}"
+            raise LaunchError(f"unknown config key '{full}' in {source}"
                               + (f"; closest: {', '.join(hint)}" if hint else "")
                               + " (configs/defaults.yaml lists every key)")
         if isinstance(schema[k], Mapping) and k not in FREE_KEYS:
             if not isinstance(v, Mapping):
                 raise LaunchError(f"config key '{key}' in {source} must be a mapping, got {v!r}")
-            check_keys(v, schema[k], source, key + ".")
+            check_keys(v, schema[k], source, key + ".", root)
         elif k in FREE_KEYS and v is not None and not isinstance(v, Mapping):
             raise LaunchError(f"config key '{key}' in {source} must be a mapping of keyword arguments, got {v!r}")
 
@@ -91,7 +110,7 @@ def parse_set(items: Iterable[str]) -> dict[str, Any]:
         if not sep or not key:
             raise LaunchError(f"--set expects key=value, got '{item}'")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = _numbers(yaml.safe_load(raw)) if raw.strip() else None
         except yaml.YAMLError:
             raise LaunchError(f"--set {key}: the value '{raw}' is not valid YAML") from None
         node = tree

@@ -143,8 +143,11 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # The DataLoader always asks worker 0 first; after `skip_batches` the next batch is due from the
+        # part (skip_batches % workers), so worker w plays the part of worker (w + skip_batches) % workers.
+        worker = (worker + self.skip_batches) % workers
         part, parts = self.rank * workers + worker, self.world * workers
-        to_skip = len(range(worker, self.skip_batches, workers))  # batches this worker already delivered
+        to_skip = len(range(worker, self.skip_batches, workers))  # batches this part already delivered
         skipped = [0]
 
         def on_error(err: Exception) -> bool:  # unreadable tar member or shard: count and go on

@@ -330,7 +330,7 @@ def train(run: Run) -> dict[str, Any]:
             log.progress(done, {"loss": f"{loss_value:.4f}", "lr": f"{lr:.2e}",
                                 "img/s": f"{record['images_per_s']:.0f}", "wait": f"{record['data_wait']:.0%}"})
             tick, window_wait, window_images = time.perf_counter(), 0.0, 0
-        if run.val_urls and (done % t["val_every"] == 0 or done == stop):
+        if run.val_urls and t["val_batches"] > 0 and (done % t["val_every"] == 0 or done == stop):
             val = validate(run, model, objective, specs, norm, accelerator)
             log.scalars(done, {"loss": val}, prefix="val")
             log.print(f"step {done}: val loss {val:.4f}")

@@ -1,0 +1,68 @@
+"""Launcher config: merge order, unknown keys with the closest names, --set parsing, bad YAML."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from launch.config import parse_set, preset_file, resolve
+from launch.errors import LaunchError
+
+
+def test_merge_order_defaults_objective_backbone_profile_file_set(tmp_path):
+    user = tmp_path / "user.yaml"
+    user.write_text("optim:\n  lr: 0.123\n  clip_grad: 7.0\ndata:\n  batch_size: 5\n")
+    cfg, sources = resolve("dino", "cvt", config_file=str(user), profile_hint="demo",
+                           sets=["optim.clip_grad=9.5", "objective_args.num_local_crops=3"])
+    assert cfg["optim"]["weight_decay_end"] == 0.4          # objective file over defaults
+    assert cfg["data"]["image_size"] == 32                  # demo profile over the backbone preset (224)
+    assert cfg["optim"]["lr"] == 0.123                      # --config over the profile (1e-3)
+    assert cfg["data"]["batch_size"] == 5
+    assert cfg["optim"]["clip_grad"] == 9.5                 # --set over --config
+    assert cfg["objective_args"] == {"num_local_crops": 3}  # free keys pass through
+    names = [s.rsplit("/", 2)[-2] + "/" + s.rsplit("/", 1)[-1] for s in sources]
+    assert names == ["configs/defaults.yaml", "objectives/dino.yaml", "backbones/cvt.yaml", "profiles/demo.yaml",
+                     f"{tmp_path.name}/user.yaml"]
+
+
+def test_no_profile_when_data_is_given():
+    cfg, _ = resolve("mae", "vit_tiny", cli={"data": {"train": "x.tar"}}, profile_hint=None)
+    assert cfg["profile"] == "none" and cfg["data"]["image_size"] == 224
+    assert cfg["optim"]["betas"] == [0.9, 0.95]             # mae.yaml
+
+
+@pytest.mark.parametrize("key, hint", [("optim.lrr=1", "optim.lr"), ("data.batchsize=3", "data.batch_size"),
+                                       ("trian.steps=3", "train.steps")])
+def test_unknown_key_names_closest(key, hint):
+    with pytest.raises(LaunchError, match=f"unknown config key .*closest: .*{hint}"):
+        resolve("dino", "vit_tiny", sets=[key])
+
+
+def test_unknown_key_in_file_and_malformed_yaml(tmp_path):
+    bad_key = tmp_path / "a.yaml"
+    bad_key.write_text("train:\n  stepz: 3\n")
+    with pytest.raises(LaunchError, match="train.stepz.*train.steps"):
+        resolve("dino", "vit_tiny", config_file=str(bad_key))
+    broken = tmp_path / "b.yaml"
+    broken.write_text("optim: {lr: [1, 2\n")
+    with pytest.raises(LaunchError, match="not valid YAML"):
+        resolve("dino", "vit_tiny", config_file=str(broken))
+    unsafe = tmp_path / "c.yaml"
+    unsafe.write_text("optim: !!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(LaunchError, match="not valid YAML"):  # safe_load refuses python tags
+        resolve("dino", "vit_tiny", config_file=str(unsafe))
+
+
+def test_parse_set_types_and_errors():
+    tree = parse_set(["a.b=3", "a.c=[1, 2]", "d=null", "e=1e-3", "f=text"])
+    assert tree == {"a": {"b": 3, "c": [1, 2]}, "d": None, "e": 1e-3, "f": "text"}
+    with pytest.raises(LaunchError, match="key=value"):
+        parse_set(["novalue"])
+
+
+def test_preset_file_family_prefix():
+    assert preset_file("backbones", "cvt_tiny").name == "cvt.yaml"
+    assert preset_file("backbones", "vit_small_patch16").name == "vit.yaml"
+    assert preset_file("backbones", "simple_vit") is None
+    defaults = yaml.safe_load(preset_file("objectives", "dino").read_text())
+    assert defaults["optim"]["clip_grad"] == 3.0
