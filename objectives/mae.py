@@ -31,14 +31,14 @@ logger = logging.getLogger(__name__)
 
 
 def draw_mask(batch: int, grid: Sequence[int], ratio: float, device: torch.device,
-              generator: torch.Generator | None = None) -> Tensor:
+              generator: torch.Generator | None = None, tube: bool = True) -> Tensor:
     """Random mask (B, *grid) hiding round(ratio * N) cells per sample, at least one hidden and one
-    visible. Video grids (t, h, w) get tube masks (VideoMAE, Tong et al. 2022)."""
+    visible. Video grids (t, h, w) get tube masks (VideoMAE, Tong et al. 2022) when `tube`."""
     n = math.prod(grid)
     if n < 2:
         raise InputShapeError(f"masking needs a mask grid of at least 2 cells, got {tuple(grid)}")
     hidden = min(max(round(n * ratio), 1), n - 1)
-    if len(grid) == 3:
+    if len(grid) == 3 and tube:
         cells = grid[1] * grid[2]
         hidden = min(max(round(cells * ratio), 1), cells - 1) if cells >= 2 else 0
         return tube_mask(batch, grid, (hidden + 0.25) / cells, generator=generator, device=device)
