@@ -74,13 +74,16 @@ class HierarchicalBackbone(Backbone):
     """Base class: a stem, then stages, read out as a final map (B, D, h, w).
 
     Subclasses call `build_hierarchy(...)` in their constructor and implement
-    `stem(x) -> (B, C0, H/s0, W/s0)` and `run_stages(feat) -> (final map (B, D, h, w), prefix (B, R, D) | None)`;
+    `stem(x) -> (B, C0, H/s0, W/s0)` and `run_stages(feat) -> (final map (B, D, h, w), prefix (B, R, D) | None)`
+    (or `(final, prefix, pooled (B, D))` when the pooled vector is not read from the final map; with
+    `stages_take_image = True` it is called as `run_stages(feat, image)`, image already masked);
     they may override `pool(final, prefix) -> (B, D)` (default: mean over the final map, then
-    `self.final_norm`).
+    `self.final_norm` if the model has one).
     """
 
     capabilities = frozenset({MASK_TOKEN})
     hide_before_stem: bool = True  # stems with kernel > stride overlap cells
+    stages_take_image: bool = False  # run_stages(feat, image): a second stream from the pixels (RegionViT)
 
     def build_hierarchy(self, *, image_size, channels: int, embed_dim: int, stem_dim: int, stem_stride: int,
                         final_stride: int, size_multiple: int | None = None, num_classes: int = 0) -> None:
@@ -142,10 +145,11 @@ class HierarchicalBackbone(Backbone):
         feat = self.stem(x)
         if mask is not None:
             feat = self.apply_mask(feat, mask)
-        final, prefix = self.run_stages(feat)
+        result = self.run_stages(feat, x) if self.stages_take_image else self.run_stages(feat)
+        final, prefix = result[:2]
         b, d, h, w = final.shape
         tokens = final.flatten(2).transpose(1, 2)
-        pooled = self.pool(final, prefix)
+        pooled = result[2] if len(result) > 2 else self.pool(final, prefix)
         if prefix is None:
             prefix = tokens.new_zeros(b, 0, d)
         return BackboneOutput(patch_tokens=tokens, prefix_tokens=prefix, pooled=pooled, grid=(h, w))
