@@ -83,6 +83,9 @@ class ATSBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.sampler = AdaptiveTokenSampler(num_tokens) if num_tokens is not None else None
 
+    def will_sample(self, num_patch_tokens: int) -> bool:
+        return self.sampler is not None and num_patch_tokens > self.sampler.num_tokens
+
     def forward(self, x: torch.Tensor, valid: torch.Tensor, r: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """x (B, L, D), valid (B, L) bool key mask -> new x, new valid, and the sampled patch
@@ -92,7 +95,7 @@ class ATSBlock(nn.Module):
         q, k = attn.q_norm(q), attn.k_norm(k)
         key_mask = valid[:, None, None, :]
         index = None
-        if self.sampler is not None and x.shape[1] - r > self.sampler.num_tokens:
+        if self.will_sample(x.shape[1] - r):
             # The class token's attention row (B, H, 1, L), through the shared `attend`; scoring only.
             _, weights = attend(q[:, :, :1], k, v, attn_mask=key_mask, return_weights=True)
             # Significance: class attention times value norm, summed over heads (paper eq. 4).
@@ -181,8 +184,9 @@ class ATSViT(TokenBackbone):
         counts = []
         for block in self.blocks:
             counts.append(h.shape[1] - r)
-            # Tokens a block drops keep the state they entered it with: record every state first.
-            final = self._write(final, h[:, r:], ids, valid[:, r:], n)
+            if block.will_sample(h.shape[1] - r):
+                # Tokens a block drops keep the state they entered it with: record every state first.
+                final = self._write(final, h[:, r:], ids, valid[:, r:], n)
             h, valid, index = block(h, valid, r)
             if index is not None:
                 ids = torch.gather(ids, 1, index)
