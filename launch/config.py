@@ -18,9 +18,11 @@ from typing import Any
 
 import yaml
 
-from configs import CONFIG_DIR
-
 from .errors import LaunchError
+
+# configs/ sits next to launch/ in a checkout and in an installed wheel alike (both are top-level
+# packages); found by path so that another `configs` module on sys.path cannot shadow it.
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 FREE_KEYS = ("backbone_args", "objective_args")  # dicts whose keys are constructor arguments
 # YAML 1.1 (PyYAML) reads `1e-3` as a string; numbers in exponent form without a dot are made floats.

@@ -236,6 +236,7 @@ def train(run: Run) -> dict[str, Any]:
     if run.resume is not None:
         state = ckpt.load(run.resume, objective=objective, optimizer=optimizer, scaler=scaler, rank=rank)
         start, consumed = int(state["step"]), int(state["batches_consumed"])
+        resync_schedules(objective, start, total)
         if state.get("num_workers") != d["num_workers"] or state.get("world_size") != world:
             accelerator.print("warning: resuming with another number of processes or data workers: the data "
                               "order differs from an uninterrupted run")
@@ -355,6 +356,17 @@ def train(run: Run) -> dict[str, Any]:
         print(f"exported backbone: {export_dir} (load with ssl_vit.load_backbone('{export_dir}'))", flush=True)
     accelerator.end_training()
     return summary
+
+
+def resync_schedules(objective: nn.Module, step: int, total: int) -> None:
+    """After loading a checkpoint: let the objective recompute Python-side schedule values (DINO's
+    teacher temperature) that its state dict does not hold. `on_resume(step, total_steps)` when the
+    objective defines it; DINO's `_sync_schedule(total_steps)` otherwise (its load hook cannot know
+    the total)."""
+    if hasattr(objective, "on_resume"):
+        objective.on_resume(step, total)
+    elif hasattr(objective, "_sync_schedule"):
+        objective._sync_schedule(total)
 
 
 def save_checkpoint(run: Run, accelerator, objective, optimizer, scaler, done: int, consumed: int, gather_object,
