@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from ssl_vit import TokenBackbone, register_presets
-from ssl_vit.layers import Transformer
+from ssl_vit.layers import LN_EPS, Transformer
 
 __all__ = ["ViT", "SimpleViT"]
 
@@ -53,7 +53,7 @@ class ViT(TokenBackbone):
             transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, dropout=dropout, qkv_bias=qkv_bias,
                                       qk_norm=qk_norm, drop_path=drop_path, layer_scale=layer_scale)
         self.transformer = transformer
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
 
 
 class SimpleViT(TokenBackbone):
@@ -80,7 +80,7 @@ class SimpleViT(TokenBackbone):
                           pos="sincos", num_cls_tokens=0, pool="mean", num_classes=num_classes)
         self.transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, qkv_bias=qkv_bias,
                                        qk_norm=qk_norm, drop_path=drop_path)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
 
 
 _SEED = dict(image_size=256, patch_size=32, dim=1024, depth=6, heads=16, mlp_dim=2048)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 
 from ssl_vit import TokenBackbone, register_presets
-from ssl_vit.layers import Transformer
+from ssl_vit.layers import LN_EPS, Transformer
 
 __all__ = ["ViT3D", "SimpleViT3D"]
 
@@ -47,7 +47,7 @@ class ViT3D(TokenBackbone):
                           num_classes=num_classes, frames=frames, frame_patch_size=frame_patch_size)
         self.transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, dropout=dropout,
                                        qkv_bias=qkv_bias, drop_path=drop_path)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
 
 
 class SimpleViT3D(TokenBackbone):
@@ -73,7 +73,7 @@ class SimpleViT3D(TokenBackbone):
                           pos="sincos", num_cls_tokens=0, pool="mean", num_classes=num_classes,
                           frames=frames, frame_patch_size=frame_patch_size)
         self.transformer = Transformer(dim, depth, heads, dim_head, mlp_dim)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
 
 
 _SEED = dict(image_size=128, frames=16, image_patch_size=16, frame_patch_size=2, dim=1024, depth=6, heads=8,

@@ -15,7 +15,10 @@ from einops import rearrange
 from timm.layers import DropPath, LayerScale
 from torch import nn
 
-__all__ = ["AttentionBase", "Attention", "Mlp", "Block", "Transformer", "attend", "DropPath", "LayerScale"]
+# timm's ViT LayerNorm epsilon, so weights exported in timm's layout give timm's features exactly.
+LN_EPS = 1e-6
+
+__all__ = ["LN_EPS", "AttentionBase", "Attention", "Mlp", "Block", "Transformer", "attend", "DropPath", "LayerScale"]
 
 
 def attend(
@@ -173,13 +176,13 @@ class Block(nn.Module):
         attn: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
         self.attn = attn if attn is not None else Attention(
             dim, heads, dim_head, qkv_bias=qkv_bias, qk_norm=qk_norm, attn_drop=attn_drop, proj_drop=dropout
         )
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, mlp_dim, dropout)
         self.ls2 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
