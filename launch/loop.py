@@ -140,6 +140,7 @@ class Run:
     backbone_name: str
     resume: Path | None = None
     resume_state: dict = field(default_factory=dict)
+    first_keys: list = field(default_factory=list)  # keys of this process's first batch (in state.json)
 
 
 def plan(cfg: dict, resume: str | None) -> Run:
@@ -193,7 +194,10 @@ def make_accelerator(cfg: dict):
         else:
             mp = "no"
     kwargs = DistributedDataParallelKwargs(find_unused_parameters=bool(cfg["train"]["find_unused_parameters"]))
-    return Accelerator(mixed_precision=mp, kwargs_handlers=[kwargs])
+    # `accelerate launch --multi_gpu` on a machine without GPUs starts torchrun processes; accelerate only
+    # joins them (gloo) when told it runs on the CPU, otherwise every process would train alone.
+    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return Accelerator(mixed_precision=mp, kwargs_handlers=[kwargs], cpu=cpu)
 
 
 # ---- the loop -------------------------------------------------------------------------------------
@@ -293,6 +297,8 @@ def train(run: Run) -> dict[str, Any]:
             window_wait += time.perf_counter() - t0
             consumed += 1
             skips.update(batch)
+            if not run.first_keys:
+                run.first_keys = list(batch["key"])
             images = batch["image"].to(accelerator.device, non_blocking=True)
             views = make_views(images, specs, normalize=norm)
             sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
@@ -358,6 +364,14 @@ def train(run: Run) -> dict[str, Any]:
     return summary
 
 
+def fingerprint(module: nn.Module) -> list[float]:
+    """(sum, sum of squares) over all parameters in float64: equal on replicas with equal weights."""
+    with torch.no_grad():
+        params = [p.detach().double() for p in module.parameters()]
+        total = torch.stack([torch.stack([p.sum(), p.square().sum()]) for p in params]).sum(0)
+    return [float(v) for v in total.cpu()]
+
+
 def resync_schedules(objective: nn.Module, step: int, total: int) -> None:
     """After loading a checkpoint: let the objective recompute Python-side schedule values (DINO's
     teacher temperature) that its state dict does not hold. `on_resume(step, total_steps)` when the
@@ -372,12 +386,16 @@ def resync_schedules(objective: nn.Module, step: int, total: int) -> None:
 def save_checkpoint(run: Run, accelerator, objective, optimizer, scaler, done: int, consumed: int, gather_object,
                     world: int, total: int) -> Path | None:
     rngs = gather_object([ckpt.rng_state()])  # every process's RNG, collected on all (rank 0 writes)
+    # Each process's own view of the weights and of its data, so a checkpoint shows that the replicas
+    # agree and that the processes read different parts of the stream.
+    ranks = gather_object([{"rank": accelerator.process_index, "weights_fingerprint": fingerprint(objective),
+                            "first_keys": run.first_keys}])
     path = None
     if accelerator.is_main_process:
         cfg = run.cfg
         state = {"objective": cfg["objective"], "backbone": run.backbone_name, "backbone_args": cfg["backbone_args"],
                  "batches_consumed": consumed, "world_size": world, "num_workers": cfg["data"]["num_workers"],
-                 "total_steps": total, "seed": cfg["train"]["seed"]}
+                 "total_steps": total, "seed": cfg["train"]["seed"], "ranks": ranks}
         path = ckpt.save(run.out, step=done, objective=objective, optimizer=optimizer, scaler=scaler,
                          rng_states=rngs, state=state, config=cfg, keep=int(cfg["train"]["keep_checkpoints"]))
     accelerator.wait_for_everyone()
