@@ -40,7 +40,9 @@ class XCAttention(AttentionBase):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = rearrange(self.qkv(x), "b n (s h d) -> s b h d n", s=3, h=self.heads)
+        b, n, _ = x.shape
+        # One contiguous copy in (B, H, d, N): the norms over N then run on contiguous memory.
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 4, 1).contiguous().unbind(0)
         q = F.normalize(q, dim=-1) * self.temperature
         k = F.normalize(k, dim=-1)
         out = self._attend(q, k, v, scale=1.0)  # (B, H, d, N)
