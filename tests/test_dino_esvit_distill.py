@@ -1,0 +1,317 @@
+"""DINO, EsViT and distillation: loss parity against formulas written out here, schedules, teacher
+handling and views.
+
+The reference formulas below follow the papers' pseudo-code (DINO Alg. 1 with multi-crop, EsViT's
+region matching, DeiT's soft/hard distillation) as explicit loops, independent of the vectorised
+implementations they check.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ssl_vit
+from backbones import ViT
+from objectives import Dino, DistillWrapper, EsViTTrainer
+from objectives import esvit as esvit_module
+from objectives.dino import dino_loss
+from objectives.ema import cosine_schedule, ema_update_
+from objectives.views import make_views
+
+TINY = dict(Dino.tiny_overrides)
+
+
+def tiny_vit(**kw) -> ViT:
+    torch.manual_seed(0)
+    return ssl_vit.create_backbone("vit_tiny", **kw)
+
+
+def images(b: int = 2, size: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.rand(b, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- reference formulas --------------------------------------------------------------------------
+def ref_dino(student: list[torch.Tensor], teacher: list[torch.Tensor], center, ts: float, tt: float) -> torch.Tensor:
+    """student: V tensors (B, K); teacher: G tensors (B, K); pairs with the same view index skipped."""
+    total, terms = 0.0, 0
+    for i, t in enumerate(teacher):
+        q = torch.softmax((t - center) / tt, dim=-1)
+        for v, s in enumerate(student):
+            if v == i:
+                continue
+            total = total + (-(q * torch.log_softmax(s / ts, dim=-1)).sum(-1)).mean()
+            terms += 1
+    return total / terms
+
+
+def ref_region(s_logits, s_feats, t_logits, t_feats, center, ts: float, tt: float) -> torch.Tensor:
+    """EsViT region loss: lists per view of (B, T, K) logits and (B, T, D) backbone tokens."""
+    total, terms = 0.0, 0
+    for i in range(len(t_logits)):
+        q = torch.softmax((t_logits[i] - center) / tt, dim=-1)
+        for v in range(len(s_logits)):
+            if v == i:
+                continue
+            per_sample = []
+            for b in range(s_logits[v].shape[0]):
+                sim = F.normalize(s_feats[v][b], dim=-1) @ F.normalize(t_feats[i][b], dim=-1).T  # (Ts, Tt)
+                j = sim.argmax(dim=1)
+                ce = -(q[b][j] * torch.log_softmax(s_logits[v][b] / ts, dim=-1)).sum(-1)
+                per_sample.append(ce.mean())
+            total = total + torch.stack(per_sample).mean()
+            terms += 1
+    return total / terms
+
+
+# ---- DINO --------------------------------------------------------------------------------------
+def test_dino_loss_matches_pairwise_formula():
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(5, 3, 11, generator=g)
+    t = torch.randn(2, 3, 11, generator=g)
+    c = torch.randn(11, generator=g)
+    got = dino_loss(s, t, c, 0.1, 0.04)
+    want = ref_dino(list(s), list(t), c, 0.1, 0.04)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_dino_objective_matches_formula_on_backbone_outputs():
+    d = Dino(tiny_vit(), **TINY).eval()  # eval: the centre stays put
+    d.center.normal_()
+    x = images(3)
+    views = make_views(x, d.view_specs(), generator=torch.Generator().manual_seed(0))
+    loss = d(views)
+    with torch.no_grad():
+        s = [d.head(d.backbone.forward_features(v).pooled) for v in views]
+        t = [d.teacher["head"](d.teacher_backbone.forward_features(v).pooled) for v in views[:2]]
+    torch.testing.assert_close(loss, ref_dino(s, t, d.center, d.student_temp, d.teacher_temp), rtol=1e-4, atol=1e-5)
+
+
+def test_dino_defaults_and_seed_arguments():
+    d = Dino(tiny_vit(image_size=224, patch_size=16), num_classes_K=64, projection_hidden_size=32)
+    assert d.global_size == (224, 224) and d.local_size == (96, 96)
+    assert d.student_temp == 0.1 and d.teacher_temp == 0.04 and d.base_momentum == 0.996
+    specs = d.view_specs()
+    assert [s.count for s in specs] == [1, 1, 6]
+    assert specs[0].scale == (0.4, 1.0) and specs[2].scale == (0.05, 0.4)
+    assert (specs[0].blur, specs[1].blur, specs[2].blur) == (1.0, 0.1, 0.5)
+    assert (specs[0].solarize, specs[1].solarize, specs[2].solarize) == (0.0, 0.2, 0.0)
+    # the seed's values are taken as given; projection_layers=4 is a 3-layer MLP + prototypes
+    seed = Dino(tiny_vit(), image_size=32, num_classes_K=65336, student_temp=0.9, projection_hidden_size=16,
+                projection_layers=4, global_lower_crop_scale=0.5)
+    assert seed.student_temp == 0.9 and seed.head.last_layer.weight.shape == (65336, 256)
+    assert sum(isinstance(m, nn.Linear) for m in seed.head.mlp) == 3
+    assert seed.view_specs()[0].scale == (0.5, 1.0)
+
+
+def test_local_size_rounds_to_backbone_multiple():
+    # 256 * 96 / 224 = 109.7 px: 112 with 16 px patches, 96 with 32 px patches
+    d16 = Dino(tiny_vit(image_size=64, patch_size=16), **{**TINY, "image_size": 256})
+    d32 = Dino(tiny_vit(image_size=64, patch_size=32), **{**TINY, "image_size": 256})
+    assert d16.local_size == (112, 112) and d32.local_size == (96, 96)
+    with pytest.raises(ssl_vit.InputShapeError):
+        Dino(tiny_vit(image_size=64, patch_size=32), **{**TINY, "image_size": 100})
+
+
+def test_views_local_size_and_per_sample_parameters():
+    d = Dino(tiny_vit(), **TINY)
+    one = images(1, 48)
+    same = one.expand(4, -1, -1, -1).contiguous()  # four copies of one image
+    views = d.make_own_views(same)
+    assert len(views) == 2 + d.num_local_crops
+    assert all(v.shape == (4, 3, *d.global_size) for v in views[:2])
+    assert all(v.shape == (4, 3, *d.local_size) for v in views[2:])
+    for v in views:  # shared parameters would give four identical crops
+        assert not torch.allclose(v[0], v[1]) or not torch.allclose(v[0], v[2])
+
+
+def test_ema_schedule_is_cosine_from_0996_to_1():
+    d = Dino(tiny_vit(), **TINY)
+    total = 101
+    assert d.momentum_at(0, total) == pytest.approx(0.996)
+    assert d.momentum_at(total - 1, total) == pytest.approx(1.0)
+    assert d.momentum_at(50, total) == pytest.approx(0.998)
+    t = 20 / (total - 1)
+    assert d.momentum_at(20, total) == pytest.approx(1 - 0.004 * (math.cos(math.pi * t) + 1) / 2)
+    assert cosine_schedule(5, 1, 0.996, 1.0) == 1.0
+
+
+def test_teacher_temperature_warmup():
+    d = Dino(tiny_vit(), **TINY, warmup_teacher_temp_steps=10)
+    assert d.teacher_temp == pytest.approx(0.04)
+    assert d.teacher_temp_at(5, 100) == pytest.approx(0.055)
+    assert d.teacher_temp_at(10, 100) == pytest.approx(0.07)
+    assert d.teacher_temp_at(50, 100) == pytest.approx(0.07)
+    d.on_step_end(4, 100)
+    assert d.teacher_temp == pytest.approx(0.055)  # the temperature of the next step
+    default = Dino(tiny_vit(), **TINY)  # default warm-up: 30% of training
+    assert default.teacher_temp_at(15, 100) == pytest.approx(0.055)
+
+
+def test_center_update_and_teacher_has_no_grads():
+    d = Dino(tiny_vit(), **TINY).train()
+    assert not d.teacher.training and all(not p.requires_grad for p in d.teacher.parameters())
+    views = make_views(images(2), d.view_specs(), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        t = d.teacher["head"](d.teacher_backbone.forward_features(torch.cat(views[:2])).pooled)
+    loss = d(views)
+    torch.testing.assert_close(d.center, 0.1 * t.mean(0), rtol=1e-5, atol=1e-6)
+    loss.backward()
+    assert all(p.grad is None for p in d.teacher.parameters())
+    assert any(p.grad is not None for p in d.backbone.parameters())
+    assert all(p.grad is not None for p in d.head.parameters())
+
+
+def test_last_layer_frozen_during_first_steps():
+    d = Dino(tiny_vit(), **TINY, freeze_last_layer_steps=3)
+    opt = torch.optim.SGD([p for p in d.parameters() if p.requires_grad], lr=0.1)
+    before = d.head.last_layer.weight.detach().clone()
+    d(images(2)).backward()
+    d.on_before_optimizer_step(2, 100)
+    assert d.head.last_layer.weight.grad is None
+    assert d.head.mlp[0].weight.grad is not None
+    opt.step()
+    torch.testing.assert_close(d.head.last_layer.weight, before)
+    d.zero_grad()
+    d(images(2)).backward()
+    d.on_before_optimizer_step(3, 100)
+    assert d.head.last_layer.weight.grad is not None
+    assert Dino(tiny_vit(), **TINY).frozen_last_layer_steps(1000) == 10  # default: 1 epoch of 100
+
+
+def test_ema_foreach_matches_per_parameter_formula():
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5))
+    teacher = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5))
+    student[1].running_mean.normal_()
+    expected = [0.9 * t.detach() + 0.1 * s.detach() for t, s in zip(teacher.parameters(), student.parameters())]
+    ema_update_(teacher, student, 0.9)
+    for got, want in zip(teacher.parameters(), expected):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(teacher[1].running_mean, student[1].running_mean)
+
+
+def test_on_step_end_moves_teacher_towards_student():
+    d = Dino(tiny_vit(), **TINY)
+    with torch.no_grad():
+        for p in d.head.parameters():
+            p.add_(1.0)
+    t_before = [p.clone() for p in d.teacher["head"].parameters()]
+    d.on_step_end(0, 10)
+    m = 0.996
+    for t0, t1, s in zip(t_before, d.teacher["head"].parameters(), d.head.parameters()):
+        torch.testing.assert_close(t1, m * t0 + (1 - m) * s)
+    assert int(d.next_step) == 1
+    # the schedule position survives a state-dict round trip
+    other = Dino(tiny_vit(), **TINY)
+    other.load_state_dict(d.state_dict())
+    assert other._next_step == 1
+
+
+def test_dino_exports_teacher_and_registers():
+    d = ssl_vit.create_objective("dino", "vit_tiny", **TINY)
+    assert d.export_backbone() is d.teacher_backbone and d.export_backbone() is not d.backbone
+    assert {"dino", "esvit", "distill"} <= set(ssl_vit.list_objectives())
+    with pytest.raises(ValueError, match="expects 4 views"):
+        d([images(2)])
+
+
+# ---- EsViT -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["vit_tiny", "cvt_tiny"])
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_esvit_matches_reference(name, chunk, monkeypatch):
+    if name not in ssl_vit.list_backbones():
+        pytest.skip(f"{name} not registered")
+    if chunk is not None:  # forces the chunked, checkpointed path
+        monkeypatch.setattr(esvit_module, "_CHUNK_ELEMENTS", chunk)
+    torch.manual_seed(0)
+    e = EsViTTrainer(ssl_vit.create_backbone(name), **EsViTTrainer.tiny_overrides).eval()
+    e.center.normal_()
+    e.region_center.normal_()
+    views = make_views(images(2, 64), e.view_specs(), generator=torch.Generator().manual_seed(1))
+    loss = e(views)
+    loss.backward()
+    with torch.no_grad():
+        s_out = [e.backbone.forward_features(v) for v in views]
+        t_out = [e.teacher_backbone.forward_features(v) for v in views[:2]]
+        view = ref_dino([e.head(o.pooled) for o in s_out], [e.teacher["head"](o.pooled) for o in t_out],
+                        e.center, e.student_temp, e.teacher_temp)
+        region = ref_region([e.region_head(o.patch_tokens) for o in s_out], [o.patch_tokens for o in s_out],
+                            [e.teacher["region_head"](o.patch_tokens) for o in t_out], [o.patch_tokens for o in t_out],
+                            e.region_center, e.student_temp, e.teacher_temp)
+    torch.testing.assert_close(loss.detach(), 0.5 * view + 0.5 * region, rtol=1e-4, atol=1e-5)
+    assert e.region_head.last_layer.weight.grad is not None
+    assert all(p.grad is None for p in e.teacher.parameters())
+
+
+def test_esvit_region_center_update():
+    e = EsViTTrainer(tiny_vit(), **EsViTTrainer.tiny_overrides).train()
+    views = make_views(images(2), e.view_specs(), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        t = e.teacher["region_head"](e.teacher_backbone.forward_features(torch.cat(views[:2])).patch_tokens)
+    e(views)
+    torch.testing.assert_close(e.region_center, 0.1 * t.flatten(0, 1).mean(0), rtol=1e-4, atol=1e-6)
+    assert set(e.metrics) >= {"loss", "view_loss", "region_loss"}
+
+
+# ---- distillation ------------------------------------------------------------------------------
+class TinyTeacher(nn.Module):
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                 nn.Linear(4, classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_distillation_matches_formula(hard):
+    torch.manual_seed(0)
+    student = tiny_vit(num_classes=10)
+    w = DistillWrapper(student=student, teacher=TinyTeacher(), temperature=3.0, alpha=0.3, hard=hard).eval()
+    x, labels = images(4), torch.randint(0, 10, (4,))
+    loss = w([x], labels)
+    with torch.no_grad():
+        token = w.distill_token.expand(4, -1, -1)
+        out = student.forward_features(x, extra_tokens=token)
+        cls_logits = student.forward_head(out.pooled)
+        dist_logits = w.distill_head(out.prefix_tokens[:, -1])
+        t = w.teacher(x)
+    ce = F.cross_entropy(cls_logits, labels)
+    if hard:
+        dist = F.cross_entropy(dist_logits, t.argmax(-1))
+    else:
+        p_t = torch.softmax(t / 3.0, -1)
+        dist = (p_t * (p_t.log() - torch.log_softmax(dist_logits / 3.0, -1))).sum(-1).mean() * 9.0
+    torch.testing.assert_close(loss, 0.7 * ce + 0.3 * dist, rtol=1e-4, atol=1e-5)
+    assert w.head is None and w.uses_token  # the ViT's own 10-way head is the classifier
+
+
+def test_distillation_grads_labels_and_fallback():
+    torch.manual_seed(0)
+    w = DistillWrapper(tiny_vit(), teacher=TinyTeacher(), num_classes=10).train()
+    assert w.needs_labels and w.head is not None and not w.teacher.training
+    loss = w(images(2), torch.tensor([1, 2]))
+    loss.backward()
+    assert w.distill_token.grad is not None and w.head.weight.grad is not None
+    assert all(p.grad is None for p in w.teacher.parameters())
+    with pytest.raises(ValueError, match="labels"):
+        w(images(2))
+    with pytest.raises(ValueError, match="num_classes"):
+        DistillWrapper(tiny_vit(), teacher=TinyTeacher())
+    with pytest.raises(ValueError, match="teacher must return logits"):
+        DistillWrapper(tiny_vit(), teacher=TinyTeacher(7), num_classes=10)(images(2), torch.tensor([1, 2]))
+    no_tokens = [n for n in ("cvt_tiny", "levit_tiny", "pit_tiny") if n in ssl_vit.list_backbones()
+                 and ssl_vit.EXTRA_TOKENS not in ssl_vit.create_backbone(n).capabilities]
+    if no_tokens:
+        b = ssl_vit.create_backbone(no_tokens[0])
+        f = DistillWrapper(b, teacher="student_copy", num_classes=5)
+        assert not f.uses_token
+        size = b.default_size
+        f(torch.rand(2, 3, *size), torch.tensor([0, 4])).backward()
+        assert f.distill_head[1].weight.grad is not None
