@@ -109,10 +109,11 @@ class CCT3D(Backbone):
             )
         if embedding_dim % num_heads:
             raise ValueError(f"embedding_dim {embedding_dim} must be divisible by num_heads {num_heads}")
-        # The seed's defaults: 'same' padding along time for odd frame windows.
-        frame_padding = frame_kernel_size // 2 if frame_padding is None else frame_padding
+        # Default frame paddings: the seed's k // 2 for odd windows; (k - 1) // 2 keeps even windows
+        # (e.g. a 2-frame pooling) on an exact grid, where k // 2 would add a token.
+        frame_padding = (frame_kernel_size - 1) // 2 if frame_padding is None else frame_padding
         if frame_pooling_padding is None:
-            frame_pooling_padding = frame_pooling_kernel_size // 2
+            frame_pooling_padding = (frame_pooling_kernel_size - 1) // 2
         dim = embedding_dim
         self.tokenizer = ConvTokenizer3d(
             n_input_channels, dim, n_conv_layers,
