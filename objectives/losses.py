@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ssl_vit.masking import patchify, upsample_mask
+from ssl_vit.masking import gather_tokens, patchify, upsample_mask
 
 __all__ = [
     "as_unit", "pixel_targets", "masked_mse", "mae_loss", "simmim_l1", "mean_colour_labels", "masked_cross_entropy",
@@ -28,13 +28,17 @@ def as_unit(mask_unit: int | Sequence[int], dims: int) -> tuple[int, ...]:
     return tuple(int(u) for u in mask_unit)
 
 
-def pixel_targets(images: Tensor, unit: Sequence[int], norm_pix: bool = True, eps: float = 1e-6) -> Tensor:
-    """Patches of `images` as regression targets, (B, N, prod(unit) * C).
+def pixel_targets(images: Tensor, unit: Sequence[int], norm_pix: bool = True, eps: float = 1e-6,
+                  index: Tensor | None = None) -> Tensor:
+    """Patches of `images` as regression targets, (B, N, prod(unit) * C) ((B, M, ...) for `index` (B, M)).
 
     norm_pix: each patch normalised by its own mean and (unbiased) variance over all its pixels and
     channels (MAE, He et al. 2021, Sec. 3 "normalized pixels as target").
+    index: only these cells (e.g. the hidden ones), gathered before normalising.
     """
     target = patchify(images, tuple(unit))
+    if index is not None:
+        target = gather_tokens(target, index)
     if norm_pix:
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)

@@ -20,9 +20,18 @@ from torch import Tensor, nn
 from ssl_vit import MASK_TOKEN, TOKEN_DROP, InputShapeError, Objective, ViewSpec, register_objective
 from ssl_vit.embed import LearnedPosEmbed, SinCosPosEmbed
 from ssl_vit.layers import Transformer
-from ssl_vit.masking import hide_pixels, mask_to_keep, patchify, random_mask, scatter_tokens, tube_mask, unpatchify
+from ssl_vit.masking import (
+    gather_tokens,
+    hide_pixels,
+    mask_to_keep,
+    patchify,
+    random_mask,
+    scatter_tokens,
+    tube_mask,
+    unpatchify,
+)
 
-from .losses import as_unit, mae_loss
+from .losses import as_unit, pixel_targets
 from .views import resolve_views
 
 __all__ = ["MAE", "MAEDecoder"]
@@ -73,7 +82,10 @@ class MAEDecoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.pred = nn.Linear(dim, out_dim)
 
-    def forward(self, tokens: Tensor, prefix: Tensor, grid: Sequence[int], keep: Tensor | None = None) -> Tensor:
+    def forward(self, tokens: Tensor, prefix: Tensor, grid: Sequence[int], keep: Tensor | None = None,
+                predict_at: Tensor | None = None) -> Tensor:
+        """-> (B, N, out_dim), or (B, M, out_dim) for the cells `predict_at` (B, M) only (training
+        needs the hidden cells alone, which saves the last projection on the others)."""
         r = prefix.shape[1]
         x = self.embed(torch.cat([prefix, tokens], dim=1))
         pre, x = x[:, :r], x[:, r:]
@@ -83,8 +95,10 @@ class MAEDecoder(nn.Module):
         elif x.shape[1] != n:
             raise InputShapeError(f"MAE decoder got {x.shape[1]} tokens for a {tuple(grid)} grid")
         x = x + self.pos(grid, x.device, x.dtype)
-        x = self.norm(self.blocks(torch.cat([pre, x], dim=1)))
-        return self.pred(x[:, r:])
+        x = self.norm(self.blocks(torch.cat([pre, x], dim=1)))[:, r:]
+        if predict_at is not None:
+            x = gather_tokens(x, predict_at)
+        return self.pred(x)
 
 
 class MAE(Objective):
@@ -139,27 +153,31 @@ class MAE(Objective):
         frames = size[0] if len(size) == 3 else None
         return [ViewSpec("mae", 1, size[-2:], scale=self.crop_scale, hflip=0.5, frames=frames)]
 
-    def _predict(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """x (B, C, H, W) -> predicted patches (B, N, prod(unit) * C) and the mask (B, *grid)."""
+    def _predict(self, x: Tensor, generator: torch.Generator | None = None,
+                 hidden_only: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+        """x (B, C, H, W) -> predicted patches (B, N, prod(unit) * C), the mask (B, *grid) and None;
+        hidden_only: predictions (B, M, ...) of the hidden cells only, and their indices (B, M)."""
         grid = self.encoder.mask_grid(x.shape[2:])
         mask = draw_mask(x.shape[0], grid, self.masking_ratio, x.device, generator)
+        hidden = mask_to_keep(~mask) if hidden_only else None
         if self.token_drop:
             keep = mask_to_keep(mask)
             out = self.encoder.forward_features(x, keep=keep)
-            pred = self.decoder(out.patch_tokens, out.prefix_tokens, grid, keep)
+            pred = self.decoder(out.patch_tokens, out.prefix_tokens, grid, keep, hidden)
         else:
             out = self.encoder.forward_features(x, mask=mask)
             if out.patch_tokens.shape[1] != math.prod(grid):
                 raise InputShapeError(
                     f"MAE in mask-token mode needs one final token per mask cell: {type(self.encoder).__name__} "
                     f"gave {out.patch_tokens.shape[1]} tokens for a {tuple(grid)} mask grid")
-            pred = self.decoder(out.patch_tokens, out.prefix_tokens, grid)
-        return pred, mask
+            pred = self.decoder(out.patch_tokens, out.prefix_tokens, grid, None, hidden)
+        return pred, mask, hidden
 
     def forward(self, images: Tensor | Sequence[Tensor]) -> Tensor:
         (x,) = resolve_views(self.view_specs(), images)
-        pred, mask = self._predict(x)
-        loss = mae_loss(pred, x, mask, self.unit, self.norm_pix_loss)
+        pred, mask, hidden = self._predict(x, hidden_only=True)
+        # every sample hides the same number of cells, so the mean over (B, M) is the masked mean
+        loss = (pred - pixel_targets(x, self.unit, self.norm_pix_loss, index=hidden)).square().mean()
         self.metrics = {"loss": float(loss.detach()), "mask_ratio": float(mask.float().mean())}
         return loss
 
@@ -169,7 +187,7 @@ class MAE(Objective):
         (B, C, H, W) with visible patches from the input and predicted ones in the hidden cells, the
         mask (B, h, w)). With norm_pix_loss the predictions are put back in pixel space with each
         hidden patch's own mean and standard deviation, as the paper's figures do."""
-        pred, mask = self._predict(images)
+        pred, mask, _ = self._predict(images)
         patches = patchify(images, self.unit)
         if self.norm_pix_loss:
             mean = patches.mean(dim=-1, keepdim=True)

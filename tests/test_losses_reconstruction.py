@@ -68,7 +68,7 @@ def test_mae_loss_is_normalised_pixel_mse_on_hidden_patches():
     torch.manual_seed(3)
     loss = model([x])
     torch.manual_seed(3)
-    pred, mask = model._predict(x)
+    pred, mask, _ = model._predict(x)
     total, count = 0.0, 0
     for b in range(2):
         for i in range(4):
