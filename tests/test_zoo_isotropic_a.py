@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import ssl_vit
-from backbones import CCT, CaiT, CrossViT, DeepViT, T2TViT, XCiT
+from backbones import CCT, CaiT, CrossViT, DeepViT, T2TViT, XCiT, cct_7
 from backbones.deep_vit import HeadMix
 from backbones.xcit import XCAttention
 from ssl_vit import masking
@@ -259,3 +259,19 @@ def test_non_square_build_size(name):
     with torch.no_grad():
         out = m.forward_features(_x(32, 48))
     assert out.grid == m.mask_grid((32, 48)) and out.patch_tokens.shape[1] == out.grid[0] * out.grid[1]
+
+
+@pytest.mark.parametrize("build", [
+    lambda: ssl_vit.create_backbone("cait_tiny", layer_dropout=0.1),
+    lambda: ssl_vit.create_backbone("cross_vit_tiny"),
+    lambda: T2TViT(image_size=(32, 48), num_classes=3, t2t_layers=((7, 4), (3, 2)), **TINY),
+    lambda: cct_7(img_size=(32, 16), num_classes=3, positional_embedding="sine"),
+], ids=["cait_registry", "cross_vit_registry", "t2t_class", "cct_7_function"])
+def test_export_round_trip(build, tmp_path):
+    torch.manual_seed(0)
+    model = build().eval()
+    ssl_vit.save_backbone(model, tmp_path)
+    loaded = ssl_vit.load_backbone(tmp_path)
+    x = _x(*model.default_size)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
