@@ -111,17 +111,25 @@ def check_compatible(state: Mapping[str, Any], cfg: Mapping[str, Any], path: Pat
 
 
 # ---- writing and reading ------------------------------------------------------------------------
-def save(out_dir: str | Path, *, step: int, objective: torch.nn.Module, optimizer, scaler, rng_states: list,
-         state: dict[str, Any], config: Mapping[str, Any], keep: int = 2) -> Path:
-    """Write `checkpoints/step_<step>` atomically and point `latest` at it (main process only)."""
+def save(out_dir: str | Path, *, step: int, objective: torch.nn.Module | Mapping[str, torch.Tensor], optimizer,
+         scaler, rng_states: list, state: dict[str, Any], config: Mapping[str, Any], keep: int = 2) -> Path:
+    """Write `checkpoints/step_<step>` atomically and point `latest` at it (main process only).
+
+    objective: the module, or its full state dict (gathered under FSDP / DeepSpeed); optimizer None:
+    not saved (sharded optimizers; such a checkpoint cannot be resumed)."""
     root = checkpoint_root(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
     final, tmp = root / name, root / f".tmp-{name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(state_for_safetensors(objective), str(tmp / "objective.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if isinstance(objective, torch.nn.Module):
+        tensors = state_for_safetensors(objective)
+    else:
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in objective.items()}
+    save_file(tensors, str(tmp / "objective.safetensors"))
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if scaler is not None:
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
     torch.save({f"rank_{i}": s for i, s in enumerate(rng_states)}, tmp / "rng.pt")
@@ -155,6 +163,9 @@ def load(path: Path, *, objective: torch.nn.Module, optimizer, scaler, rank: int
     if missing or unexpected:
         raise LaunchError(f"checkpoint {path} does not fit this model: missing {sorted(missing)[:3]}, "
                           f"unexpected {sorted(unexpected)[:3]}")
+    if not (path / "optimizer.pt").is_file():
+        raise LaunchError(f"checkpoint {path} holds no optimizer state (written under FSDP or DeepSpeed); "
+                          "exact resume is supported for DDP runs")
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     if scaler is not None and (path / "scaler.pt").is_file():
         scaler.load_state_dict(torch.load(path / "scaler.pt", map_location="cpu", weights_only=True))

@@ -343,8 +343,8 @@ def train(run: Run) -> dict[str, Any]:
             log.print(f"step {done}: val loss {val:.4f}")
             tick = time.perf_counter()
         if done % t["checkpoint_every"] == 0 or done == stop:
-            last_ckpt = save_checkpoint(run, accelerator, objective, optimizer, scaler, done, consumed, gather_object,
-                                        world, total)
+            last_ckpt = save_checkpoint(run, accelerator, model, objective, optimizer, scaler, done, consumed,
+                                        gather_object, world, total)
     log.close()
 
     export_dir = out / "export"
@@ -383,20 +383,26 @@ def resync_schedules(objective: nn.Module, step: int, total: int) -> None:
         objective._sync_schedule(total)
 
 
-def save_checkpoint(run: Run, accelerator, objective, optimizer, scaler, done: int, consumed: int, gather_object,
-                    world: int, total: int) -> Path | None:
+def save_checkpoint(run: Run, accelerator, model, objective, optimizer, scaler, done: int, consumed: int,
+                    gather_object, world: int, total: int) -> Path | None:
     rngs = gather_object([ckpt.rng_state()])  # every process's RNG, collected on all (rank 0 writes)
     # Each process's own view of the weights and of its data, so a checkpoint shows that the replicas
     # agree and that the processes read different parts of the stream.
     ranks = gather_object([{"rank": accelerator.process_index, "weights_fingerprint": fingerprint(objective),
                             "first_keys": run.first_keys}])
+    from accelerate.utils import DistributedType
+
+    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    # Under FSDP / DeepSpeed the full weights are gathered (a collective: every process calls it);
+    # their optimizer state is sharded and not written, so such checkpoints export but do not resume.
+    weights = accelerator.get_state_dict(model) if sharded else objective
     path = None
     if accelerator.is_main_process:
         cfg = run.cfg
         state = {"objective": cfg["objective"], "backbone": run.backbone_name, "backbone_args": cfg["backbone_args"],
                  "batches_consumed": consumed, "world_size": world, "num_workers": cfg["data"]["num_workers"],
                  "total_steps": total, "seed": cfg["train"]["seed"], "ranks": ranks}
-        path = ckpt.save(run.out, step=done, objective=objective, optimizer=optimizer, scaler=scaler,
+        path = ckpt.save(run.out, step=done, objective=weights, optimizer=None if sharded else optimizer, scaler=scaler,
                          rng_states=rngs, state=state, config=cfg, keep=int(cfg["train"]["keep_checkpoints"]))
     accelerator.wait_for_everyone()
     return path or ckpt.checkpoint_root(run.out) / f"step_{done:07d}"
