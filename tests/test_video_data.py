@@ -142,6 +142,13 @@ def test_frame_geometry_matches_the_image_path():
     assert torch.equal(video[:, 0], image) and torch.equal(framed[:, 0], image)
 
 
+def test_frame_keys_are_ordered_by_number():
+    frames = numbered_clip(12, 8, 8)
+    sample = {"__key__": "k", "cls": b"3", **{f"frame{i:d}.png": png(frames[i]) for i in (0, 2, 10, 11)}}
+    video = decode_clip(sample, frames=4, stride=1, size=8)
+    assert video[0, :, 0, 0].tolist() == [0, 20, 100, 110]  # frame10 after frame2, not after frame0
+
+
 def test_undecodable_clips_raise_a_specific_error():
     cases = [
         {"npy": b"garbage"},
