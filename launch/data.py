@@ -1,10 +1,15 @@
-"""WebDataset streaming: shards -> uint8 image batches, decoded and batched in CPU workers.
+"""WebDataset streaming: shards -> uint8 image (or clip) batches, decoded and batched in CPU workers.
 
 A sample is `__key__`, an image (`jpg`, `png` or `webp`) and optionally `cls`. A batch is
 `{"image": uint8 (B, 3, S, S), "label": long (B,) (-1 without labels), "key": list[str],
 "skipped": (2,) long [worker, samples skipped so far by it]}`. Workers only decode and resize to the
 fixed canvas S x S (shorter side to S, centre crop); every random augmentation happens later on the
 accelerator (objectives.views).
+
+Video (`ShardStream(frames=T, frame_stride=s)`): a sample is a clip (`npy` or numbered frames, see
+launch.video); workers decode `T` frames `s` apart from a random start and the batch holds
+`"image": uint8 (B, 3, T, S, S)`. The start is drawn from an RNG seeded by (seed, epoch, part,
+position in the part's stream), so a resumed run samples the same frames as an uninterrupted one.
 
 Determinism, which exact resume relies on: the shard order of an epoch is a function of
 (seed, epoch) only; process `rank` of `world` with `W` workers reads part `rank * W + worker` of
@@ -29,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 
 from .errors import LaunchError
+from .video import decode_clip, is_clip_member, is_clip_sample
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
@@ -66,21 +72,25 @@ def expand_shards(spec: str) -> list[str]:
     return urls
 
 
-def check_shards(urls: list[str], limit: int = 3) -> None:
-    """LaunchError when the first local shards hold no image at all (empty or image-less tars)."""
+def check_shards(urls: list[str], limit: int = 3) -> str | None:
+    """What the first local shards hold: "image", "video" (clips: `npy` or numbered frames) or None
+    when no shard is local (pipe: / URLs are not opened). LaunchError when they hold neither."""
     local = [u for u in urls if not (u.startswith("pipe:") or "://" in u)][:limit]
     if not local:
-        return
+        return None
     for url in local:
         try:
             with tarfile.open(url) as tar:
                 names = tar.getnames()
         except (tarfile.TarError, OSError) as err:
             raise LaunchError(f"shard {url} is not a readable tar file: {err}") from None
+        # clip members first: a numbered frame `<key>.000.jpg` also ends in an image extension
+        if any(is_clip_member(n) for n in names):
+            return "video"
         if any(n.rsplit(".", 1)[-1].lower() in IMAGE_KEYS for n in names):
-            return
-    raise LaunchError(f"shards {', '.join(local)} hold no images (jpg, png or webp); "
-                      "see python -m launch.make_shards")
+            return "image"
+    raise LaunchError(f"shards {', '.join(local)} hold no images (jpg, png or webp) and no clips (npy or numbered "
+                      "frames); see python -m launch.make_shards")
 
 
 def decode_image(data: bytes, size: int) -> torch.Tensor:
@@ -111,16 +121,22 @@ class ShardStream(IterableDataset):
     infinite=True repeats epochs forever (training); False gives one pass, the last batch partial
     (validation). resampled=True draws shards with replacement instead of epochs over them.
     need_labels=True skips (and counts) samples without a `cls`.
+    frames: None reads images; a number reads clips of that many frames `frame_stride` apart (image
+    samples are then skipped and counted, as clip samples are when reading images).
     """
 
     def __init__(self, urls: list[str], *, batch_size: int, image_size: int, rank: int = 0, world: int = 1,
                  seed: int = 0, shuffle_buffer: int = 0, resampled: bool = False, infinite: bool = True,
-                 need_labels: bool = False, skip_batches: int = 0) -> None:
+                 need_labels: bool = False, skip_batches: int = 0, frames: int | None = None,
+                 frame_stride: int = 1) -> None:
         super().__init__()
+        if frames is not None and (frames < 1 or frame_stride < 1):
+            raise LaunchError(f"data.frames and data.frame_stride must be at least 1, got {frames}, {frame_stride}")
         self.urls, self.batch_size, self.image_size = list(urls), batch_size, image_size
         self.rank, self.world, self.seed = rank, world, seed
         self.shuffle_buffer, self.resampled, self.infinite = shuffle_buffer, resampled, infinite
         self.need_labels, self.skip_batches = need_labels, skip_batches
+        self.frames, self.frame_stride = frames, frame_stride
 
     def _epoch_samples(self, epoch: int, part: int, parts: int, on_error) -> Iterator[dict]:
         if self.resampled:
@@ -158,8 +174,10 @@ class ShardStream(IterableDataset):
         while True:
             batch: list[tuple[torch.Tensor, int, str]] = []
             decoded = 0
-            for sample in self._epoch_samples(epoch, part, parts, on_error):
-                item = self._decode(sample)
+            for index, sample in enumerate(self._epoch_samples(epoch, part, parts, on_error)):
+                # skipped batches are decoded too (and draw their frames), so the stream stays aligned
+                rng = random.Random(f"clip-{self.seed}-{epoch}-{part}-{index}") if self.frames else None
+                item = self._decode(sample, rng)
                 if item is None:
                     skipped[0] += 1
                     continue
@@ -180,14 +198,23 @@ class ShardStream(IterableDataset):
                                   f"({skipped[0]} skipped){' with labels' if self.need_labels else ''}")
             epoch += 1
 
-    def _decode(self, sample: dict) -> tuple[torch.Tensor, int, str] | None:
-        data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-        if data is None:
-            return None
+    def _decode(self, sample: dict, rng: random.Random | None = None) -> tuple[torch.Tensor, int, str] | None:
+        if self.frames:
+            if not is_clip_sample(sample):
+                return None
+            data = None
+        else:
+            data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+            if data is None:
+                return None
         try:
             label = _label(sample)
-            image = decode_image(data, self.image_size)
-        except Exception:  # undecodable image or label: skipped and counted, never a crash
+            if data is None:
+                image = decode_clip(sample, frames=self.frames, stride=self.frame_stride, size=self.image_size,
+                                    rng=rng)
+            else:
+                image = decode_image(data, self.image_size)
+        except Exception:  # undecodable image, clip or label: skipped and counted, never a crash
             return None
         if label is None:
             if self.need_labels:

@@ -3,6 +3,10 @@ step loop, validation, checkpoints and the final export.
 
 One optimizer step = `grad_accum` micro-batches of `batch_size` images per process; views are made on
 the accelerator (objectives.views.make_views) from the uint8 batches the CPU workers deliver.
+Video backbones (capability `video`) read clip shards: batches (B, 3, T, S, S) with T = `data.frames`
+(default: the backbone's default_size[0]) frames `data.frame_stride` apart; make_views crops every
+frame of a clip alike and picks each view's `frames`. Clip shards with an image backbone, or image
+shards with a video one, are refused before anything is written.
 Learning rate: linear warm-up then cosine to `min_lr`, peak `lr * (global_batch / base_batch) ** p`
 (p = 1 linear, 0.5 sqrt, 0 none). Weight decay: cosine from `weight_decay` to `weight_decay_end`,
 never on the objective's `no_weight_decay()` parameters (norms, biases, positions, special tokens).
@@ -141,6 +145,8 @@ class Run:
     resume: Path | None = None
     resume_state: dict = field(default_factory=dict)
     first_keys: list = field(default_factory=list)  # keys of this process's first batch (in state.json)
+    data_kind: str | None = None  # "image" / "video" as found in the local shards; None: not checked (URLs)
+    frames: int | None = None  # video: frames per decoded clip (set once the backbone is built)
 
 
 def plan(cfg: dict, resume: str | None) -> Run:
@@ -153,11 +159,20 @@ def plan(cfg: dict, resume: str | None) -> Run:
         val_spec = val_spec if val_spec is not None else digits_val
         cfg["data"]["train"], cfg["data"]["val"] = train_spec, val_spec
     train_urls = expand_shards(train_spec)
-    check_shards(train_urls)
+    kind = check_shards(train_urls)
     val_urls = []
     if val_spec:
         val_urls = expand_shards(val_spec)
-        check_shards(val_urls)
+        val_kind = check_shards(val_urls)
+        if kind and val_kind and val_kind != kind:
+            raise LaunchError(f"training shards hold {_KIND_WORDS[kind]} but validation shards {val_spec} hold "
+                              f"{_KIND_WORDS[val_kind]}")
+        kind = kind or val_kind
+    frames, stride = cfg["data"].get("frames"), cfg["data"].get("frame_stride", 1)
+    if frames is not None and (not isinstance(frames, int) or frames < 1):
+        raise LaunchError(f"data.frames must be a positive integer or null, got {frames!r}")
+    if not isinstance(stride, int) or stride < 1:
+        raise LaunchError(f"data.frame_stride must be a positive integer, got {stride!r}")
     for key in ("steps", "checkpoint_every", "log_every", "val_every"):
         if not isinstance(cfg["train"][key], int) or cfg["train"][key] < 1:
             raise LaunchError(f"train.{key} must be a positive integer, got {cfg['train'][key]!r}")
@@ -168,7 +183,7 @@ def plan(cfg: dict, resume: str | None) -> Run:
         raise LaunchError(f"optim.grad_accum must be a positive integer, got {cfg['optim']['grad_accum']!r}")
     out = Path(cfg["out"] or f"runs/{cfg['objective']}-{cfg['backbone']}")
     cfg["out"] = str(out)
-    run = Run(cfg, out, train_urls, val_urls, pick_backbone_name(cfg))
+    run = Run(cfg, out, train_urls, val_urls, pick_backbone_name(cfg), data_kind=kind)
     if resume is not None:
         run.resume = ckpt.resolve_resume(resume, out)
         run.resume_state = ckpt.read_state(run.resume)
@@ -179,6 +194,42 @@ def plan(cfg: dict, resume: str | None) -> Run:
     elif ckpt.latest(out) is not None:
         raise LaunchError(f"{out} already holds checkpoints; pass --resume to continue it or choose another --out")
     return run
+
+
+_KIND_WORDS = {"image": "images", "video": "video clips"}
+
+
+def check_data_kind(run: Run, backbone: nn.Module) -> None:
+    """LaunchError when the shards and the backbone disagree (clips for an image model or images for a
+    video one); sets `run.frames` for video backbones."""
+    video = bool(getattr(backbone, "is_video", False))
+    want = "video" if video else "image"
+    if run.data_kind is not None and run.data_kind != want:
+        data = run.cfg["data"]["train"]
+        if video:
+            raise LaunchError(f"backbone {run.backbone_name} is a video model (inputs (B, C, T, H, W)) but {data} "
+                              "holds images; give it clip shards (python -m launch.make_shards CLIP_DIR OUT --video)")
+        raise LaunchError(f"{data} holds video clips but backbone {run.backbone_name} takes images; pick a video "
+                          "backbone (vit_3d, simple_vit_3d, vivit, cct_3d) or image shards")
+    if video:
+        frames = run.cfg["data"].get("frames")
+        run.frames = int(frames) if frames else int(backbone.default_size[0])
+
+
+def check_views(specs: list[ViewSpec], backbone: nn.Module, run: Run) -> None:
+    """LaunchError unless every view fits the backbone (size multiples; video: frame counts)."""
+    for s in specs:
+        size: tuple[int, ...] = tuple(s.size)
+        if run.frames is not None:
+            if s.frames is not None and s.frames > run.frames:
+                raise LaunchError(f"view '{s.name}' of {run.cfg['objective']} samples {s.frames} frames but clips are "
+                                  f"decoded with {run.frames}; set data.frames to at least {s.frames}")
+            size = (s.frames or run.frames, *size)
+        try:
+            backbone.check_size(size)
+        except ssl_vit.InputShapeError as err:
+            raise LaunchError(f"view '{s.name}' of {run.cfg['objective']} does not fit {run.backbone_name}: {err}; "
+                              "set data.view_size, data.frames or objective_args") from None
 
 
 def make_accelerator(cfg: dict):
@@ -213,15 +264,11 @@ def train(run: Run) -> dict[str, Any]:
     seed = int(cfg["train"]["seed"])
     torch.manual_seed(seed)  # the same initial weights on every process
     backbone, objective = build_objective(cfg)
+    check_data_kind(run, backbone)
     requested, cfg["backbone"] = cfg["backbone"], run.backbone_name
     specs = scale_views(list(objective.view_specs()), cfg["data"]["view_size"],
                         int(getattr(backbone, "size_multiple", 1)))
-    for s in specs:
-        try:
-            backbone.check_size(s.size)
-        except ssl_vit.InputShapeError as err:
-            raise LaunchError(f"view '{s.name}' of {cfg['objective']} does not fit {run.backbone_name}: {err}; "
-                              "set data.view_size or objective_args") from None
+    check_views(specs, backbone, run)
 
     d, o, t = cfg["data"], cfg["optim"], cfg["train"]
     total, accum = int(t["steps"]), int(o["grad_accum"])
@@ -253,7 +300,8 @@ def train(run: Run) -> dict[str, Any]:
 
     stream = ShardStream(run.train_urls, batch_size=d["batch_size"], image_size=d["image_size"], rank=rank,
                          world=world, seed=seed, shuffle_buffer=d["shuffle_buffer"], resampled=d["resampled"],
-                         need_labels=bool(getattr(objective, "needs_labels", False)), skip_batches=consumed)
+                         need_labels=bool(getattr(objective, "needs_labels", False)), skip_batches=consumed,
+                         frames=run.frames, frame_stride=int(d.get("frame_stride") or 1))
     loader = make_loader(stream, d["num_workers"], pin_memory=accelerator.device.type == "cuda", seed=seed)
     batches = iter(loader)
     norm = (tuple(d["mean"]), tuple(d["std"]))
@@ -264,8 +312,10 @@ def train(run: Run) -> dict[str, Any]:
         + (f" (the {cfg['backbone_size']} preset of {requested}: {cfg['profile']} profile)"
            if run.backbone_name != requested else "")
         + f", {sum(p.numel() for p in backbone.parameters()) / 1e6:.2f}M backbone parameters",
-        f"data {d['train']} ({len(run.train_urls)} shards), canvas {d['image_size']} px, views "
-        + ", ".join(f"{s.count}x{s.size[0]}x{s.size[1]} {s.name}" for s in specs),
+        f"data {d['train']} ({len(run.train_urls)} shards), canvas {d['image_size']} px"
+        + (f", clips of {run.frames} frames {d.get('frame_stride') or 1} apart" if run.frames else "") + ", views "
+        + ", ".join(f"{s.count}x{f'{s.frames or run.frames}x' if run.frames else ''}{s.size[0]}x{s.size[1]} {s.name}"
+                    for s in specs),
         f"processes {world}, batch {d['batch_size']} per process x {accum} accumulation = global batch {global_batch}",
         f"lr {o['lr']} x ({global_batch}/{o['base_batch']}) [{o['lr_scaling']}] = {peak_lr:.3g}, warm-up {warm} "
         f"steps, cosine to {o['min_lr']}; weight decay {o['weight_decay']} -> {o['weight_decay_end']}",
@@ -418,7 +468,8 @@ def validate(run: Run, model, objective: nn.Module, specs, norm, accelerator) ->
     d = cfg["data"]
     stream = ShardStream(run.val_urls, batch_size=d["batch_size"], image_size=d["image_size"],
                          rank=accelerator.process_index, world=accelerator.num_processes, seed=0, infinite=False,
-                         need_labels=bool(getattr(objective, "needs_labels", False)))
+                         need_labels=bool(getattr(objective, "needs_labels", False)), frames=run.frames,
+                         frame_stride=int(d.get("frame_stride") or 1))
     loader = make_loader(stream, min(1, d["num_workers"]))
     total = torch.zeros(2, device=accelerator.device)
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []

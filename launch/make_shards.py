@@ -1,12 +1,17 @@
-"""Image folder -> WebDataset tar shards with a manifest.
+"""Image (or clip) folder -> WebDataset tar shards with a manifest.
 
-    python -m launch.make_shards IMAGE_DIR OUT_DIR [--shard-size N] [--prefix train]
+    python -m launch.make_shards IMAGE_DIR OUT_DIR [--shard-size N] [--prefix train] [--video]
 
 Class subfolders become integer labels (sorted names -> 0, 1, ...); a flat folder has no labels.
 Files are visited in sorted order, so the shards are the same on every run. Each sample is
 `__key__`, the image bytes under its own extension (`jpg`, `png`, `webp`) and `cls` when labelled.
 Unreadable files are reported and skipped. `manifest.json` records the sample count per shard, the
 classes and the skipped files.
+
+Video: a folder of clips (`.npy` uint8 (T, H, W, C) files, or subfolders of numbered frame images;
+class subfolders become labels) is written by `launch.video.write_clip_shards`, one clip per sample.
+A folder holding `.npy` files and no images is taken for a clip folder; `--video` forces it (needed
+for clips stored as numbered frames, which look like class folders of images otherwise).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 from PIL import Image
 
 from .errors import LaunchError
+from .video import write_clip_shards
 
 IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 CONVERT_EXTS = {".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}  # re-encoded as png
@@ -100,8 +106,13 @@ def encode(path: Path) -> tuple[str, bytes]:
 
 
 def make_shards(image_dir: str | Path, out_dir: str | Path, *, shard_size: int = 1000, prefix: str = "train",
-                log: Iterable | None = None) -> dict:
-    """Write the shards and `manifest.json`; returns the manifest."""
+                log: Iterable | None = None, video: bool | None = None) -> dict:
+    """Write the shards and `manifest.json`; returns the manifest.
+
+    video: True writes a folder of clips (launch.video.write_clip_shards; the manifest has
+    `"kind": "video"`), None decides with `looks_like_clips`, False reads images."""
+    if video or (video is None and looks_like_clips(image_dir)):
+        return write_clip_shards(image_dir, out_dir, shard_size=shard_size, prefix=prefix)
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
         raise LaunchError(f"image folder {image_dir} does not exist")
@@ -129,19 +140,41 @@ def make_shards(image_dir: str | Path, out_dir: str | Path, *, shard_size: int =
     return manifest
 
 
+def looks_like_clips(folder: str | Path) -> bool:
+    """True when `folder` holds `.npy` files and no image files (searched recursively)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return False
+    allowed = set(IMAGE_EXTS) | CONVERT_EXTS
+    has_npy = False
+    for f in folder.rglob("*"):
+        if not f.is_file() or any(part.startswith(".") for part in f.relative_to(folder).parts):
+            continue
+        suffix = f.suffix.lower()
+        if suffix in allowed:
+            return False
+        has_npy = has_npy or suffix == ".npy"
+    return has_npy
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.make_shards", description=__doc__.split("\n\n")[0])
-    parser.add_argument("image_dir", help="folder of images; class subfolders become labels")
+    parser.add_argument("image_dir", help="folder of images (or of clips); class subfolders become labels")
     parser.add_argument("out_dir", help="where the .tar shards and manifest.json are written")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     parser.add_argument("--prefix", default="train", help="shard file prefix (default train)")
+    parser.add_argument("--video", action="store_true",
+                        help="IMAGE_DIR is a folder of clips (.npy files or folders of numbered frames); "
+                             "detected on its own for .npy clips")
     args = parser.parse_args(argv)
+    video = args.video or looks_like_clips(args.image_dir)
     try:
-        manifest = make_shards(args.image_dir, args.out_dir, shard_size=args.shard_size, prefix=args.prefix)
+        manifest = make_shards(args.image_dir, args.out_dir, shard_size=args.shard_size, prefix=args.prefix,
+                               video=video)
     except LaunchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{manifest['samples']} samples in {len(manifest['shards'])} shards: "
+    print(f"{manifest['samples']} {'clips' if video else 'samples'} in {len(manifest['shards'])} shards: "
           f"{Path(args.out_dir) / manifest['pattern']} ({manifest['num_classes']} classes, "
           f"{len(manifest['skipped'])} skipped)")
     return 0
