@@ -22,6 +22,8 @@ examples:
   accelerate launch pretrain.py --objective mae --backbone vit_small_patch16 \\
       --data 'shards/train-{000000..000099}.tar' --set data.batch_size=128 --steps 100000
   python pretrain.py --objective dino --backbone vit_tiny --out runs/x --resume   # continue runs/x
+  python -m launch.make_shards clips/ video_shards/          # a folder of .npy clips (--video: frame folders)
+  accelerate launch pretrain.py --objective mae --backbone vit_3d --data video_shards/
 """
 
 

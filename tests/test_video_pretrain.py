@@ -161,3 +161,22 @@ def test_mismatched_data_exits_2_with_one_line(case, clip_shards, tmp_path, caps
               "too_few_frames": "set data.frames to at least 4"}[case]
     assert expect in err[0]
     assert not out.exists()
+
+
+def test_make_shards_video_flag_for_frame_folders(tmp_path):
+    """Numbered frame folders look like class folders of images: --video makes them clips."""
+    from PIL import Image
+
+    clip = tmp_path / "clips" / "walk"
+    clip.mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (16, 16), (60 * i, 0, 0)).save(clip / f"{i:03d}.png")
+    assert make_shards.main([str(tmp_path / "clips"), str(tmp_path / "as_images")]) == 0
+    assert "kind" not in json.loads((tmp_path / "as_images" / "manifest.json").read_text())
+    assert make_shards.main([str(tmp_path / "clips"), str(tmp_path / "as_clips"), "--video"]) == 0
+    manifest = json.loads((tmp_path / "as_clips" / "manifest.json").read_text())
+    assert manifest["kind"] == "video" and manifest["samples"] == 1
+    assert check_shards(expand_shards(str(tmp_path / "as_clips"))) == "video"
+    batch = next(iter(ShardStream(expand_shards(str(tmp_path / "as_clips")), batch_size=1, image_size=8, frames=3,
+                                  infinite=False)))
+    assert batch["image"][0, 0, :, 0, 0].tolist() == [0, 60, 120]  # frames in order
