@@ -16,10 +16,11 @@ gradient cancelling (first epoch), an AdamW step and the teacher's EMA update.
   runs), one forward per view and `update_momentum`, as in lightly's DINO example.
 
 Peak memory (CPU): each side runs in its own spawned process (one warm-up step, then three); we
-print its peak resident set size (`ru_maxrss`), which counts the same model, teacher and optimizer
-state on both sides plus the step's activations, and, as in bench_mae, the growth over the resident
-size after warm-up. The growth alone misleads here: lightly's many per-view allocations stay in the
-heap after warm-up (higher baseline), ours are larger blocks returned to the OS between steps.
+print its peak resident set size over those three (VmHWM, reset after warm-up), which counts the
+same model, teacher and optimizer state on both sides plus the step's activations, and, as in
+bench_mae, the growth over the resident size after warm-up. The growth alone misleads here:
+lightly's many per-view allocations stay in the heap after warm-up (higher baseline), ours are
+larger blocks returned to the OS between steps.
 
 Run: `.venv-bench/bin/python -m benchmarks.bench_dino [--batch 16] [--rounds 3]`
 """
@@ -125,14 +126,33 @@ def _rss_kb() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
+def _peak_kb() -> int:
+    """This process's peak RSS since the last `_reset_peak` (VmHWM). ru_maxrss is not used: Linux keeps
+    it across exec, so a spawned child would report its parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
 def _peak_memory_child(name: str, batch: int, threads: int, queue) -> None:
     torch.set_num_threads(threads)
     step = BUILDERS[name](batch)
     step()  # warm-up: optimizer state and allocator pools exist before the baseline
+    _reset_peak()
     before = _rss_kb()
     for _ in range(3):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _peak_kb()
     queue.put((peak / 1024, max(0, peak - before) / 1024))
 
 
@@ -152,15 +172,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--memory-only", action="store_true")
     args = parser.parse_args()
     threads = pick_threads()
     torch.set_num_threads(threads)
     print(f"torch threads: {threads} (load {os.getloadavg()[0]:.2f})")
-    steps = {name: build(args.batch) for name, build in BUILDERS.items()}
-    rates = compare(steps, images_per_call=args.batch, rounds=args.rounds, warmup=args.warmup)
-    title = f"DINO ViT-S/16 step (batch {args.batch}, 2x{GLOBAL}+{NUM_LOCAL}x{LOCAL}, K={K})"
-    ratio = report(title, rates, "ours", "lightly")
-    print(f"throughput ratio ours/lightly: {ratio:.2f}x")
+    if not args.memory_only:
+        steps = {name: build(args.batch) for name, build in BUILDERS.items()}
+        rates = compare(steps, images_per_call=args.batch, rounds=args.rounds, warmup=args.warmup)
+        title = f"DINO ViT-S/16 step (batch {args.batch}, 2x{GLOBAL}+{NUM_LOCAL}x{LOCAL}, K={K})"
+        ratio = report(title, rates, "ours", "lightly")
+        print(f"throughput ratio ours/lightly: {ratio:.2f}x")
+        del steps
     if not args.no_memory:
         for name in BUILDERS:
             peak, growth = peak_memory_mb(name, args.batch, threads)
