@@ -9,7 +9,8 @@ output, the teacher momentum follows a cosine schedule 0.996 -> 1, and the proto
 for the first epoch.
 
 Crops of the same size go through the backbone in one batch (one pass for the globals, one for the
-locals), and the loss over all view pairs is one vectorised expression.
+locals), and the loss over all view pairs is one vectorised expression. Video backbones get global and
+local spatial crops of the same clip, each view sampling its own frames (`ViewSpec.frames`).
 """
 
 from __future__ import annotations
@@ -80,10 +81,14 @@ def scaled_size(size: Sequence[int], numerator: int, denominator: int, multiple:
 
 def dino_view_specs(global_size: tuple[int, int], local_size: tuple[int, int], num_local: int,
                     global_scale: tuple[float, float] = (0.4, 1.0),
-                    local_scale: tuple[float, float] = (0.05, 0.4)) -> list[ViewSpec]:
+                    local_scale: tuple[float, float] = (0.05, 0.4), frames: int | None = None) -> list[ViewSpec]:
     """DINO's augmentation recipe: flip, colour jitter 0.8, grayscale 0.2; blur 1.0 / 0.1 / 0.5 and
-    solarize 0 / 0.2 / 0 for global crop 1 / global crop 2 / local crops."""
-    common = dict(hflip=0.5, color_jitter=0.8, jitter=(0.4, 0.4, 0.2, 0.1), grayscale=0.2, blur_sigma=(0.1, 2.0))
+    solarize 0 / 0.2 / 0 for global crop 1 / global crop 2 / local crops.
+
+    frames: video: every view samples this many frames of the clip on its own (ViewSpec.frames), with
+    one spatial crop for all its frames (as in SVT, Ranasinghe et al. 2022)."""
+    common = dict(hflip=0.5, color_jitter=0.8, jitter=(0.4, 0.4, 0.2, 0.1), grayscale=0.2, blur_sigma=(0.1, 2.0),
+                  frames=frames)
     specs = [
         ViewSpec("global_1", 1, tuple(global_size), scale=global_scale, blur=1.0, **common),
         ViewSpec("global_2", 1, tuple(global_size), scale=global_scale, blur=0.1, solarize=0.2, **common),
@@ -220,8 +225,9 @@ class Dino(Objective):
 
     # ---- views --------------------------------------------------------------------------------
     def view_specs(self) -> list[ViewSpec]:
+        frames = int(self.backbone.default_size[0]) if self.backbone.is_video else None
         return dino_view_specs(self.global_size, self.local_size, self.num_local_crops, self.global_scale,
-                               self.local_scale)
+                               self.local_scale, frames)
 
     def make_own_views(self, images: torch.Tensor) -> list[torch.Tensor]:
         specs = self.view_specs()

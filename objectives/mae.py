@@ -1,6 +1,7 @@
 """MAE: masked autoencoders (He et al. 2021, "Masked Autoencoders Are Scalable Vision Learners").
 
-A random 75% of the mask cells is hidden per sample; the encoder sees the visible tokens only
+A random 75% of the mask cells is hidden per sample (video: 90% of the spatial cells, the same ones in
+every frame slice, a tube mask as in VideoMAE, Tong et al. 2022); the encoder sees the visible tokens only
 (`keep`, on `token_drop` backbones), a light transformer decoder fills the hidden cells with a
 learned mask token, adds its own positions over the mask grid and regresses the (per-patch
 normalised) pixels; the loss counts hidden patches only. On a backbone without `token_drop` but
@@ -106,8 +107,10 @@ class MAE(Objective):
 
     MAE(encoder=v, decoder_dim=512, masking_ratio=0.75, decoder_depth=1, ...) as in the seed;
     calling it on images (B, C, H, W) (video (B, C, T, H, W)) returns the scalar loss.
+    masking_ratio: None gives 0.75 for images and 0.9 for video backbones (VideoMAE's tube masking);
+    a value given always wins.
     Targets are pixel patches of the backbone's `mask_unit` (hierarchical backbones: the final
-    stride), normalised per patch when `norm_pix_loss` (paper default).
+    stride; video: (pt, p, p) tubelets), normalised per patch when `norm_pix_loss` (paper default).
     """
 
     requires = (frozenset({TOKEN_DROP}), frozenset({MASK_TOKEN}))
@@ -118,7 +121,7 @@ class MAE(Objective):
         encoder: nn.Module,
         *,
         decoder_dim: int = 512,
-        masking_ratio: float = 0.75,
+        masking_ratio: float | None = None,
         decoder_depth: int = 1,
         decoder_heads: int = 8,
         decoder_dim_head: int = 64,
@@ -127,6 +130,8 @@ class MAE(Objective):
         crop_scale: tuple[float, float] = (0.2, 1.0),
     ) -> None:
         super().__init__(encoder)
+        if masking_ratio is None:
+            masking_ratio = 0.9 if encoder.is_video else 0.75
         if not 0.0 < masking_ratio < 1.0:
             raise ValueError(f"masking_ratio must be in (0, 1), got {masking_ratio}")
         self.encoder = encoder

@@ -4,7 +4,8 @@ Hidden cells are drawn on a coarse grid of `mask_patch_size` px (32 in the paper
 to the backbone's mask grid; the backbone swaps them for its learned mask token (`mask=`); a
 one-layer head maps each final token back to its cell's pixels (a 1x1 projection to
 mask_unit^2 * C channels followed by a pixel shuffle, written as a linear layer + unpatchify); the
-loss is L1 on the hidden pixels divided once by their number.
+loss is L1 on the hidden pixels divided once by their number. Video backbones: the mask lies on the
+(t, h, w) grid (tubes over time, like MAE's) and the head predicts (pt, p, p) tubelets of pixels.
 """
 
 from __future__ import annotations

@@ -92,6 +92,7 @@ def test_video_mae_run_outputs_and_export(runs):
     train = [r for r in records if "train/loss" in r]
     assert [r["step"] for r in train] == [1, 2, 3, 4] and all(np.isfinite(r["train/loss"]) for r in train)
     assert all(r["train/skipped_samples"] == 0 for r in train)
+    assert all(0.85 < r["train/mask_ratio"] < 0.95 for r in train)  # VideoMAE's 90 % on a (2, 4, 4) grid
     model = ssl_vit.load_backbone(straight / "export")
     assert model.is_video and tuple(model.default_size) == (4, 32, 32)
     encoder = {k[len("encoder."):]: v for k, v in load_file(ckpt / "objective.safetensors").items()
@@ -180,3 +181,20 @@ def test_make_shards_video_flag_for_frame_folders(tmp_path):
     batch = next(iter(ShardStream(expand_shards(str(tmp_path / "as_clips")), batch_size=1, image_size=8, frames=3,
                                   infinite=False)))
     assert batch["image"][0, 0, :, 0, 0].tolist() == [0, 60, 120]  # frames in order
+
+
+def test_video_objectives_defaults():
+    """MAE hides 90 % tubes on video unless told otherwise; DINO's views sample the backbone's frames."""
+    from objectives import MAE, Dino
+
+    backbone = ssl_vit.create_backbone("vit_3d_tiny")
+    mae = MAE(backbone, decoder_dim=32, decoder_heads=2, decoder_dim_head=16)
+    assert mae.masking_ratio == 0.9
+    assert MAE(backbone, masking_ratio=0.5, decoder_dim=32).masking_ratio == 0.5
+    assert MAE(ssl_vit.create_backbone("vit_tiny"), decoder_dim=32).masking_ratio == 0.75
+    pred, mask, _ = mae._predict(torch.randn(2, 3, 4, 32, 32))
+    assert mask.shape == (2, 2, 4, 4) and torch.equal(mask[:, 0], mask[:, 1])  # one spatial mask over time
+    assert pred.shape == (2, 32, 2 * 8 * 8 * 3)  # (pt, p, p) tubelets of 3 channels
+    dino = Dino(ssl_vit.create_backbone("vivit_tiny"), image_size=None, num_classes_K=64, projection_hidden_size=32,
+                bottleneck_dim=16, num_local_crops=2)
+    assert {(s.name, s.frames) for s in dino.view_specs()} == {("global_1", 4), ("global_2", 4), ("local", 4)}
