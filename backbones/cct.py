@@ -116,12 +116,23 @@ class CCT(Backbone):
         s = self.tokenizer.stride
         if size[0] % s or size[1] % s:
             raise ValueError(f"img_size {size} must be divisible by the tokenizer's total stride {s}")
-        self.embed_dim, self.in_channels, self.default_size = dim, n_input_channels, size
+        self.in_channels, self.default_size = n_input_channels, size
         self.mask_unit = self.size_multiple = s
+        self.build_encoder(dim, (size[0] // s, size[1] // s), positional_embedding=positional_embedding,
+                           dropout_rate=dropout_rate, attention_dropout=attention_dropout,
+                           stochastic_depth_rate=stochastic_depth_rate, num_layers=num_layers, num_heads=num_heads,
+                           mlp_ratio=mlp_ratio, num_classes=num_classes, seq_pool=seq_pool)
+
+    def build_encoder(self, dim: int, grid: tuple[int, ...], *, positional_embedding: str, dropout_rate: float,
+                      attention_dropout: float, stochastic_depth_rate: float, num_layers: int, num_heads: int,
+                      mlp_ratio: float, num_classes: int, seq_pool: bool) -> None:
+        """Everything after the tokenizer: positions over `grid` (2-D or 3-D), class or mask tokens,
+        the CCT layers, sequence pooling and the head. Shared with the video CCT."""
+        self.embed_dim = dim
         self.num_prefix_tokens = 0 if seq_pool else 1
         self.seq_pool = seq_pool
         if positional_embedding == "learnable":
-            self.pos_embed = LearnedPosEmbed((size[0] // s, size[1] // s), dim)
+            self.pos_embed = LearnedPosEmbed(grid, dim)
             trunc_normal_(self.pos_embed.weight, std=0.2)  # CCT's initialisation
         elif positional_embedding == "sine":
             self.pos_embed = SinCosPosEmbed(dim)
@@ -138,7 +149,7 @@ class CCT(Backbone):
             for r in rates
         )
         self.norm = nn.LayerNorm(dim)
-        self.attention_pool = nn.Linear(dim, 1) if seq_pool else None
+        self.attention_pool = nn.Linear(dim, 1) if seq_pool else None  # sequence pooling: a score per token
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else None
         for m in self.modules():
             if isinstance(m, nn.Linear):
@@ -155,7 +166,8 @@ class CCT(Backbone):
         extra_tokens: torch.Tensor | None = None,
         use_pos: bool = True,
     ) -> BackboneOutput:
-        """x (B, C, H, W) -> BackboneOutput; pooled is the sequence pooling of the patch tokens."""
+        """x (B, C, H, W) (video CCT: (B, C, T, H, W)) -> BackboneOutput; patch tokens row-major over
+        the token grid, pooled the sequence pooling of the patch tokens (or the class token)."""
         self.check_request(x, mask, keep, extra_tokens, use_pos)
         if mask is not None:
             x = hide_pixels(x, mask)

@@ -12,14 +12,12 @@ positions were a fixed-length vector that failed on any other clip size.
 from __future__ import annotations
 
 import torch
-from timm.layers import trunc_normal_
 from torch import nn
 
-from ssl_vit import EXTRA_TOKENS, MASK_TOKEN, VIDEO, Backbone, BackboneOutput, register_presets
-from ssl_vit.embed import LearnedPosEmbed, SinCosPosEmbed, to_pair
-from ssl_vit.masking import hide_pixels, replace_masked
+from ssl_vit import EXTRA_TOKENS, MASK_TOKEN, VIDEO, Backbone, register_presets
+from ssl_vit.embed import to_pair
 
-from .cct import CCTBlock
+from .cct import CCT
 from .t2t import check_window
 
 __all__ = ["CCT3D"]
@@ -57,7 +55,7 @@ class ConvTokenizer3d(nn.Module):
         return x.flatten(2).transpose(1, 2), (x.shape[-3], x.shape[-2], x.shape[-1])
 
 
-class CCT3D(Backbone):
+class CCT3D(CCT):
     """Compact Convolutional Transformer for video. (B, C, T, H, W) -> logits (B, num_classes) or pooled (B, D).
 
     Token grid (T/St, H/S, W/S) with S = (stride * pooling_stride) ** n_conv_layers and
@@ -102,7 +100,7 @@ class CCT3D(Backbone):
         positional_embedding: str = "sine",
         in_planes: int = 64,
     ) -> None:
-        super().__init__()
+        Backbone.__init__(self)  # CCT's constructor builds a 2-D tokenizer; the encoder is shared below
         if positional_embedding not in ("learnable", "sine", "none"):
             raise ValueError(
                 f"positional_embedding must be 'learnable', 'sine' or 'none', got {positional_embedding!r}"
@@ -127,65 +125,14 @@ class CCT3D(Backbone):
         if size[0] % st or size[1] % s or size[2] % s:
             raise ValueError(f"num_frames x img_size {size} must be divisible by the tokenizer's total stride "
                              f"({st}, {s}, {s})")
-        self.embed_dim, self.in_channels, self.default_size = dim, n_input_channels, size
+        self.in_channels, self.default_size = n_input_channels, size
         self.mask_unit = (st, s, s)
         self.size_multiple = s
-        self.num_prefix_tokens = 0
-        if positional_embedding == "learnable":
-            self.pos_embed = LearnedPosEmbed((size[0] // st, size[1] // s, size[2] // s), dim)
-            trunc_normal_(self.pos_embed.weight, std=0.2)  # CCT's initialisation
-        elif positional_embedding == "sine":
-            self.pos_embed = SinCosPosEmbed(dim)
-        else:
-            self.pos_embed = None
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        trunc_normal_(self.mask_token, std=0.02)
-        self.dropout = nn.Dropout(dropout_rate)
-        rates = torch.linspace(0, stochastic_depth_rate, num_layers).tolist()
-        self.blocks = nn.ModuleList(
-            CCTBlock(dim, num_heads, int(dim * mlp_ratio), dropout=dropout_rate, attn_drop=attention_dropout,
-                     drop_path=r)
-            for r in rates
-        )
-        self.norm = nn.LayerNorm(dim)
-        self.attention_pool = nn.Linear(dim, 1)  # sequence pooling: one score per token
-        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else None
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-
-    def forward_features(
-        self,
-        x: torch.Tensor,
-        *,
-        mask: torch.Tensor | None = None,
-        keep: torch.Tensor | None = None,
-        extra_tokens: torch.Tensor | None = None,
-        use_pos: bool = True,
-    ) -> BackboneOutput:
-        """x (B, C, T, H, W) -> BackboneOutput; patch tokens (B, t*h*w, D) in (t, h, w) row-major
-        order, pooled (B, D) the sequence pooling of the patch tokens. mask: bool (B, t, h, w)."""
-        self.check_request(x, mask, keep, extra_tokens, use_pos)
-        if mask is not None:
-            x = hide_pixels(x, mask)  # the convolutions overlap cells: hidden pixels must not leak
-        tokens, grid = self.tokenizer(x)
-        if mask is not None:
-            tokens = replace_masked(tokens, mask, self.mask_token[0, 0])
-        if self.pos_embed is not None:
-            tokens = tokens + self.pos_embed(grid, tokens.device, tokens.dtype)
-        b = tokens.shape[0]
-        prefix = tokens.new_zeros(b, 0, self.embed_dim) if extra_tokens is None else extra_tokens.to(tokens.dtype)
-        r = prefix.shape[1]
-        h = self.dropout(torch.cat([prefix, tokens], dim=1))
-        for blk in self.blocks:
-            h = blk(h)
-        h = self.norm(h)
-        prefix, patches = h[:, :r], h[:, r:]
-        weights = self.attention_pool(patches).softmax(dim=1)  # (B, N, 1)
-        pooled = (weights * patches).sum(dim=1)
-        return BackboneOutput(patches, prefix, pooled, tuple(grid), None)
+        self.build_encoder(dim, (size[0] // st, size[1] // s, size[2] // s),
+                           positional_embedding=positional_embedding, dropout_rate=dropout_rate,
+                           attention_dropout=attention_dropout, stochastic_depth_rate=stochastic_depth_rate,
+                           num_layers=num_layers, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                           num_classes=num_classes, seq_pool=True)
 
 
 register_presets(CCT3D, {
