@@ -93,6 +93,11 @@ class Objective(nn.Module):
     def on_step_end(self, step: int, total_steps: int) -> None:
         """Teacher EMA, momentum and temperature schedules. Nothing by default."""
 
+    def on_resume(self, step: int, total_steps: int) -> None:
+        """Called once after a checkpoint is loaded, before training continues at `step` (the next
+        step to run, counting from 0) of `total_steps`: recompute schedule values that the state dict
+        does not hold (DINO's teacher temperature). Nothing by default."""
+
     def on_before_optimizer_step(self, step: int, total_steps: int) -> None:
         """Called after backward, before the optimizer step (DINO cancels last-layer gradients)."""
 
