@@ -11,7 +11,7 @@ Learning rate: linear warm-up then cosine to `min_lr`, peak `lr * (global_batch 
 (p = 1 linear, 0.5 sqrt, 0 none). Weight decay: cosine from `weight_decay` to `weight_decay_end`,
 never on the objective's `no_weight_decay()` parameters (norms, biases, positions, special tokens).
 Hooks: `on_before_optimizer_step(step, total)` after the backward pass, `on_step_end(step, total)`
-after the optimizer step, `step` counting from 0.
+after the optimizer step, `on_resume(step, total)` once after a checkpoint load, `step` counting from 0.
 """
 
 from __future__ import annotations
@@ -423,14 +423,11 @@ def fingerprint(module: nn.Module) -> list[float]:
 
 
 def resync_schedules(objective: nn.Module, step: int, total: int) -> None:
-    """After loading a checkpoint: let the objective recompute Python-side schedule values (DINO's
-    teacher temperature) that its state dict does not hold. `on_resume(step, total_steps)` when the
-    objective defines it; DINO's `_sync_schedule(total_steps)` otherwise (its load hook cannot know
-    the total)."""
-    if hasattr(objective, "on_resume"):
-        objective.on_resume(step, total)
-    elif hasattr(objective, "_sync_schedule"):
-        objective._sync_schedule(total)
+    """After loading a checkpoint: `objective.on_resume(step, total_steps)` lets the objective recompute
+    the schedule values its state dict does not hold (DINO's teacher temperature depends on the total)."""
+    on_resume = getattr(objective, "on_resume", None)  # every ssl_vit.Objective has it (a no-op by default)
+    if on_resume is not None:
+        on_resume(step, total)
 
 
 def save_checkpoint(run: Run, accelerator, model, objective, optimizer, scaler, done: int, consumed: int,

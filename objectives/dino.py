@@ -284,6 +284,14 @@ class Dino(Objective):
         if total_steps is not None:
             self.teacher_temp = self.teacher_temp_at(self._next_step, total_steps)
 
+    def on_resume(self, step: int, total_steps: int) -> None:
+        """After a checkpoint load: continue the schedules at `step` of `total_steps` (the state dict
+        holds the step counter, not the total the temperature warm-up depends on)."""
+        self._next_step = int(step)
+        self.next_step.fill_(int(step))
+        self.teacher_temp = self.teacher_temp_at(step, total_steps)
+        self.momentum = self.momentum_at(max(step - 1, 0), total_steps)
+
     def teacher_temp_at(self, step: int, total_steps: int) -> float:
         warmup = self.warmup_teacher_temp_steps
         if warmup is None:  # DINO warms up over 30 of 100 epochs
