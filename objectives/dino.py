@@ -81,20 +81,27 @@ def scaled_size(size: Sequence[int], numerator: int, denominator: int, multiple:
 
 def dino_view_specs(global_size: tuple[int, int], local_size: tuple[int, int], num_local: int,
                     global_scale: tuple[float, float] = (0.4, 1.0),
-                    local_scale: tuple[float, float] = (0.05, 0.4), frames: int | None = None) -> list[ViewSpec]:
+                    local_scale: tuple[float, float] = (0.05, 0.4), frames: int | None = None,
+                    photometric: bool = True) -> list[ViewSpec]:
     """DINO's augmentation recipe: flip, colour jitter 0.8, grayscale 0.2; blur 1.0 / 0.1 / 0.5 and
     solarize 0 / 0.2 / 0 for global crop 1 / global crop 2 / local crops.
+    photometric=False: crops and flips only (grey images such as the demo digits, where brightness and
+    contrast jitter, blur and solarize change little but what a random teacher's output depends on most).
 
     frames: video: every view samples this many frames of the clip on its own (ViewSpec.frames), with
     one spatial crop for all its frames (as in SVT, Ranasinghe et al. 2022)."""
     common = dict(hflip=0.5, color_jitter=0.8, jitter=(0.4, 0.4, 0.2, 0.1), grayscale=0.2, blur_sigma=(0.1, 2.0),
                   frames=frames)
+    if not photometric:
+        common.update(color_jitter=0.0, grayscale=0.0)
+    blur = (1.0, 0.1, 0.5) if photometric else (0.0, 0.0, 0.0)
+    solarize = 0.2 if photometric else 0.0
     specs = [
-        ViewSpec("global_1", 1, tuple(global_size), scale=global_scale, blur=1.0, **common),
-        ViewSpec("global_2", 1, tuple(global_size), scale=global_scale, blur=0.1, solarize=0.2, **common),
+        ViewSpec("global_1", 1, tuple(global_size), scale=global_scale, blur=blur[0], **common),
+        ViewSpec("global_2", 1, tuple(global_size), scale=global_scale, blur=blur[1], solarize=solarize, **common),
     ]
     if num_local > 0:
-        specs.append(ViewSpec("local", num_local, tuple(local_size), scale=local_scale, blur=0.5, **common))
+        specs.append(ViewSpec("local", num_local, tuple(local_size), scale=local_scale, blur=blur[2], **common))
     return specs
 
 
@@ -129,12 +136,25 @@ class Dino(Objective):
     `center_moving_average_decay` 0.9, crop scales (0.4, 1) and (0.05, `local_upper_crop_scale`).
     `hidden_layer` is accepted and ignored: features come from `forward_features(...).pooled`.
     `augment_fn`/`augment_fn2`, if given, are applied to the batch before the crops of global view 1
-    (and the local crops) / global view 2, on top of DINO's recipe.
+    (and the local crops) / global view 2, on top of DINO's recipe. `photometric_augment=False` keeps
+    the crops and flips only; `head_init_std` see `DINOHead.init_std`.
+
+    `tiny_overrides` (the launcher's tiny presets, i.e. the demo: a few hundred steps on the grey 8x8
+    digits at 32 px) scale DINO down without letting it collapse. With DINO's full-size settings there,
+    the student's outputs become the same for every image within ~20 steps and the loss climbs to
+    ln(K) (uniform targets) because: colour jitter, blur and solarize on grey digits are what a random
+    teacher's output mostly encodes, so its targets are unpredictable from another view and the cheapest
+    fit is a constant; a 64-wide head at DINO's 0.02 init carries almost no per-sample signal; the
+    0.996 teacher momentum barely moves the teacher in 300 steps; the warm-up to a 0.07 teacher
+    temperature makes the targets near uniform. Hence: crops and flips only, milder global crops
+    (0.8-1: the digits fill the frame), width-scaled head init, momentum 0.99, teacher temperature 0.04
+    throughout (the reference implementation's default).
     """
 
     requires = (frozenset(),)
     tiny_overrides = dict(image_size=None, num_classes_K=256, projection_hidden_size=64, bottleneck_dim=32,
-                          num_local_crops=2)
+                          num_local_crops=0, head_init_std=None, photometric_augment=False,
+                          global_lower_crop_scale=0.8, moving_average_decay=0.99, teacher_temp_final=0.04)
     num_global_crops = 2
 
     def __init__(
@@ -162,6 +182,8 @@ class Dino(Objective):
         warmup_teacher_temp_steps: int | None = None,
         final_momentum: float = 1.0,
         freeze_last_layer_steps: int | None = None,
+        head_init_std: float | None = 0.02,
+        photometric_augment: bool = True,
     ) -> None:
         super().__init__(net)
         if projection_layers < 2:
@@ -186,13 +208,15 @@ class Dino(Objective):
         self.global_scale = (global_lower_crop_scale, 1.0)
         self.local_scale = (0.05, local_upper_crop_scale)
         self.augment_fn, self.augment_fn2 = augment_fn, augment_fn2
+        self.photometric_augment = photometric_augment
+        self.head_init_std = head_init_std
         if hidden_layer is not None:
             log.debug("%s ignores hidden_layer=%r: features come from forward_features", type(self).__name__,
                       hidden_layer)
 
         self.num_prototypes = num_classes_K
         self.head = DINOHead(net.embed_dim, num_classes_K, projection_hidden_size, bottleneck_dim,
-                             nlayers=projection_layers - 1, norm_last_layer=norm_last_layer)
+                             nlayers=projection_layers - 1, norm_last_layer=norm_last_layer, init_std=head_init_std)
         self.build_extra_heads(net.embed_dim, num_classes_K, projection_hidden_size, bottleneck_dim,
                                projection_layers - 1, norm_last_layer)
         self.teacher = frozen_copy(nn.ModuleDict(self.student_modules()))
@@ -227,7 +251,7 @@ class Dino(Objective):
     def view_specs(self) -> list[ViewSpec]:
         frames = int(self.backbone.default_size[0]) if self.backbone.is_video else None
         return dino_view_specs(self.global_size, self.local_size, self.num_local_crops, self.global_scale,
-                               self.local_scale, frames)
+                               self.local_scale, frames, self.photometric_augment)
 
     def make_own_views(self, images: torch.Tensor) -> list[torch.Tensor]:
         specs = self.view_specs()

@@ -69,7 +69,8 @@ class EsViTTrainer(Dino):
     tiny_overrides = dict(Dino.tiny_overrides)
 
     def build_extra_heads(self, dim: int, k: int, hidden: int, bottleneck: int, nlayers: int, norm_last: bool) -> None:
-        self.region_head = DINOHead(dim, k, hidden, bottleneck, nlayers=nlayers, norm_last_layer=norm_last)
+        self.region_head = DINOHead(dim, k, hidden, bottleneck, nlayers=nlayers, norm_last_layer=norm_last,
+                                    init_std=self.head_init_std)
         self.register_buffer("region_center", torch.zeros(k))
 
     def student_modules(self):

@@ -43,10 +43,16 @@ class DINOHead(nn.Module):
     `nlayers` linear layers (in_dim -> hidden -> ... -> bottleneck), l2 normalisation, then the
     weight-normalised `last_layer`. DINO: nlayers=3, hidden 2048, bottleneck 256, K=65536.
     `project` and `last_layer` are separate so a loss can recompute the last layer in chunks.
+
+    init_std: the MLP weights' truncated-normal std; DINO's 0.02 keeps about unit gain per layer at its
+    2048-wide layers. None: 1 / sqrt(fan_in) per layer, the same gain at any width. A narrow head (the
+    tiny presets' 64 wide) initialised at 0.02 shrinks the per-sample signal about 6x per layer, so its
+    output is nearly the same vector for every image (plus the biases), and the student collapses onto
+    that constant in its first steps.
     """
 
     def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 nlayers: int = 3, norm_last_layer: bool = True) -> None:
+                 nlayers: int = 3, norm_last_layer: bool = True, init_std: float | None = 0.02) -> None:
         super().__init__()
         if nlayers < 1:
             raise ValueError(f"DINOHead needs at least one MLP layer, got nlayers={nlayers}")
@@ -61,7 +67,8 @@ class DINOHead(nn.Module):
         self.mlp = nn.Sequential(*layers)
         for m in self.mlp.modules():
             if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
+                std = m.in_features ** -0.5 if init_std is None else init_std
+                trunc_normal_(m.weight, std=std)
                 nn.init.zeros_(m.bias)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, fixed_norm=norm_last_layer)
 
