@@ -23,7 +23,10 @@ from objectives.dino import dino_loss
 from objectives.ema import cosine_schedule, ema_update_
 from objectives.views import make_views
 
-TINY = dict(Dino.tiny_overrides)
+# A small head (the tiny presets' sizes) with DINO's own recipe otherwise: these tests check DINO's defaults
+# (the tiny presets also change the schedules and views for the short demo runs).
+TINY = {k: Dino.tiny_overrides[k] for k in ("image_size", "num_classes_K", "projection_hidden_size",
+                                           "bottleneck_dim")} | {"num_local_crops": 2}
 
 
 def tiny_vit(**kw) -> ViT:
@@ -315,3 +318,20 @@ def test_distillation_grads_labels_and_fallback():
         size = b.default_size
         f(torch.rand(2, 3, *size), torch.tensor([0, 4])).backward()
         assert f.distill_head[1].weight.grad is not None
+
+
+def test_on_resume_resyncs_schedules():
+    d = Dino(tiny_vit(), **TINY)
+    d.on_resume(50, 100)  # the launcher's call after loading a step-50 checkpoint of a 100-step run
+    assert d._next_step == 50 and int(d.next_step) == 50
+    assert d.teacher_temp == pytest.approx(d.teacher_temp_at(50, 100)) and d.teacher_temp > d.teacher_temp_start
+    assert d.momentum == pytest.approx(d.momentum_at(49, 100))
+
+
+def test_tiny_overrides_keep_crops_and_flips_only():
+    d = Dino(tiny_vit(), **Dino.tiny_overrides)
+    specs = d.view_specs()
+    assert [s.name for s in specs] == ["global_1", "global_2"] and all(s.scale == (0.8, 1.0) for s in specs)
+    assert all(s.color_jitter == s.grayscale == s.blur == s.solarize == 0 and s.hflip == 0.5 for s in specs)
+    full = Dino(tiny_vit(), **TINY).view_specs()  # DINO's own recipe keeps its photometric augmentations
+    assert full[0].blur == 1.0 and full[1].solarize == 0.2 and full[0].color_jitter == 0.8
