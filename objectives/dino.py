@@ -146,9 +146,10 @@ class Dino(Objective):
     teacher's output mostly encodes, so its targets are unpredictable from another view and the cheapest
     fit is a constant; a 64-wide head at DINO's 0.02 init carries almost no per-sample signal; the
     0.996 teacher momentum barely moves the teacher in 300 steps; the warm-up to a 0.07 teacher
-    temperature makes the targets near uniform. Hence: crops and flips only, milder global crops
-    (0.8-1: the digits fill the frame), width-scaled head init, momentum 0.99, teacher temperature 0.04
-    throughout (the reference implementation's default).
+    temperature makes the targets near uniform; local crops of 5-40% of an 8x8 digit hold no digit.
+    Hence: crops and flips only, milder global crops (0.8-1: the digits fill the frame), no local crops
+    (DINO's 2-view setting), width-scaled head init, momentum 0.99, teacher temperature 0.04 throughout
+    (the reference implementation's default).
     """
 
     requires = (frozenset(),)
