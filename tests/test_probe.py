@@ -4,6 +4,7 @@ launch.visualize, export.py)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -157,3 +158,7 @@ def test_pretrained_beats_random_init(dino_run):
     assert pretrained["objective"] == "dino" and pretrained["train_samples"] == baseline["train_samples"]
     assert pretrained["best"]["top1"] > baseline["best"]["top1"], (pretrained["best"], baseline["best"])
     assert pretrained["knn"]["top1"] > baseline["knn"]["top1"], (pretrained["knn"], baseline["knn"])
+    # and DINO did not collapse: uniform outputs (the old failure) sit at ln(K) = ln(256) = 5.55
+    losses = [r["train/loss"] for r in map(json.loads, (dino_run / "metrics.jsonl").read_text().splitlines())
+              if "train/loss" in r]
+    assert sum(losses[-5:]) / 5 < math.log(256) - 0.3, losses
