@@ -86,6 +86,29 @@ def test_resume_gives_identical_weights(runs):
     assert all(torch.equal(sa["state"][i]["exp_avg"], sb["state"][i]["exp_avg"]) for i in sa["state"])
 
 
+def _train_losses(run_dir) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+def test_resume_repeats_the_per_step_losses(runs):
+    straight, split = runs
+    a, b = _train_losses(straight), _train_losses(split)
+    assert sorted(a) == [1, 2, 3, 4] and {3, 4} <= set(b)
+    for step in (1, 2, 3, 4):
+        if step in b:
+            assert b[step] == pytest.approx(a[step], abs=1e-6), step
+
+
+def test_only_the_last_checkpoints_are_kept(common, tmp_path):
+    out = tmp_path / "keep"
+    assert run([*common, "--steps", "3", "--out", str(out), "--set", "train.checkpoint_every=1",
+                "--set", "train.keep_checkpoints=2"]) == 0
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert kept == ["step_0000002", "step_0000003"]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000003"
+
+
 def _snapshot(folder):
     return {str(p): p.stat().st_mtime_ns for p in folder.rglob("*")} if folder.exists() else {}
 
