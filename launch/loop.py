@@ -392,6 +392,16 @@ def train(run: Run) -> dict[str, Any]:
             log.scalars(done, {"loss": val}, prefix="val")
             log.print(f"step {done}: val loss {val:.4f}")
             tick = time.perf_counter()
+        if t["knn_every"] and run.val_urls and not run.frames and (done % t["knn_every"] == 0 or done == stop):
+            top1 = knn_monitor(run, objective, specs, accelerator)
+            log.scalars(done, {"knn_top1": top1}, prefix="val")
+            log.print(f"step {done}: k-NN top-1 {top1:.2f}%")
+            tick = time.perf_counter()
+        if t["image_every"] and main and log.tb is not None and not run.frames and done % t["image_every"] == 0:
+            from launch.visualize import log_images
+
+            log_images(log.tb, done, backbone=objective.export_backbone(), images=batch["image"][:4],
+                       prepare=_prepare(d, specs), objective=objective, mean=d["mean"], std=d["std"])
         if done % t["checkpoint_every"] == 0 or done == stop:
             last_ckpt = save_checkpoint(run, accelerator, model, objective, optimizer, scaler, done, consumed,
                                         gather_object, world, total)
@@ -456,6 +466,32 @@ def save_checkpoint(run: Run, accelerator, model, objective, optimizer, scaler, 
 
 
 @torch.no_grad()
+def _prepare(d: dict, specs: list[ViewSpec]):
+    """uint8 batches -> normalised floats at the first view's size, as the backbone saw in training."""
+    from launch.knn import normalizer
+
+    return normalizer(d["mean"], d["std"], size=tuple(specs[0].size))
+
+
+def knn_monitor(run: Run, objective: nn.Module, specs: list[ViewSpec], accelerator) -> float:
+    """Weighted k-NN top-1 (DINO's monitor, k=20, T=0.07) of the backbone that would be exported,
+    train shards against the labelled validation shards; RNG forked, so training is unaffected."""
+    from launch.knn import knn_accuracy
+
+    d, t = run.cfg["data"], run.cfg["train"]
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    def loader(urls: list[str]):
+        return make_loader(ShardStream(urls, batch_size=d["batch_size"], image_size=d["image_size"], rank=rank,
+                                       world=world, seed=0, infinite=False, need_labels=True),
+                           min(1, d["num_workers"]))
+
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        return knn_accuracy(objective.export_backbone(), loader(run.train_urls), loader(run.val_urls), accelerator,
+                            prepare=_prepare(d, specs), max_batches=int(t["knn_batches"]))
+
+
 def validate(run: Run, model, objective: nn.Module, specs, norm, accelerator) -> float:
     """Mean objective loss over `val_batches` batches of the validation shards (every process reads
     its part); RNG forked, eval mode, so training continues exactly as without it."""

@@ -163,3 +163,17 @@ def test_help_lists_names(capsys):
     text = capsys.readouterr().out
     assert "objectives:" in text and "dino" in text and "cvt_tiny" in text and "--resume" in text
     assert os.path.isfile("pretrain.py")
+
+
+def test_knn_monitor_and_pictures_in_tensorboard(common, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "monitor"
+    assert run([*common, "--steps", "2", "--out", str(out), "--set", "train.knn_every=2",
+                "--set", "train.image_every=2", "--set", "train.knn_batches=4"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    knn = [r["val/knn_top1"] for r in records if "val/knn_top1" in r]
+    assert len(knn) == 1 and 0.0 <= knn[0] <= 100.0
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert "images/attention" in events.Tags()["images"]
+    assert "val/knn_top1" in events.Tags()["scalars"]
