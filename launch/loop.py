@@ -248,6 +248,12 @@ def make_accelerator(cfg: dict):
     # `accelerate launch --multi_gpu` on a machine without GPUs starts torchrun processes; accelerate only
     # joins them (gloo) when told it runs on the CPU, otherwise every process would train alone.
     cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    sharded = [name for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+               if os.environ.get(var, "").lower() in ("1", "true")]
+    if sharded and not torch.cuda.is_available():
+        # accelerate would stop deep inside with "no available devices"; say it in one line instead.
+        raise LaunchError(f"{sharded[0]} needs GPUs (accelerate runs it on CUDA, XPU and similar devices); on a "
+                          f"CPU-only machine launch without --use_{sharded[0].lower()} (plain DDP over gloo)")
     return Accelerator(mixed_precision=mp, kwargs_handlers=[kwargs], cpu=cpu)
 
 

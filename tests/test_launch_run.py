@@ -177,3 +177,14 @@ def test_knn_monitor_and_pictures_in_tensorboard(common, tmp_path):
     events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0}).Reload()
     assert "images/attention" in events.Tags()["images"]
     assert "val/knn_top1" in events.Tags()["scalars"]
+
+
+def test_fsdp_without_gpus_is_one_line(common, tmp_path, monkeypatch, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine can run FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    out = tmp_path / "fsdp"
+    assert run([*common, "--steps", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "FSDP needs GPUs" in err[0]
+    assert not out.exists()
