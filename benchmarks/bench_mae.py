@@ -26,25 +26,17 @@ Run: `.venv-bench/bin/python -m benchmarks.bench_mae [--batch 16] [--rounds 5] [
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
-import resource
 import warnings
 
 import torch
 
-from benchmarks.common import compare, report
+from benchmarks.common import compare, peak_memory_mb, pick_threads, report
 
 warnings.filterwarnings("ignore", message="MAEDecoderTIMM is deprecated")  # lightly 1.6 still ships it
 
 MASK_RATIO = 0.75
 DECODER_DIM, DECODER_DEPTH, DECODER_HEADS = 512, 8, 16
-
-
-def pick_threads() -> int:
-    """2 threads when the machine is idle (1-minute load below 0.5), else 1."""
-    idle = os.getloadavg()[0] < 0.5 and (os.cpu_count() or 1) >= 2
-    return 2 if idle else 1
 
 
 def make_batch(batch: int) -> torch.Tensor:
@@ -119,55 +111,6 @@ def build_lightly(batch: int):
 BUILDERS = {"ours": build_ours, "lightly": build_lightly}
 
 
-def _rss_kb() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
-
-
-def _peak_kb() -> int:
-    """This process's peak RSS since the last `_reset_peak` (VmHWM); ru_maxrss only where /proc has no
-    VmHWM (it survives exec: a spawned child would report its parent's peak)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def _reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-    except OSError:
-        pass
-
-
-def _peak_memory_child(name: str, batch: int, threads: int, queue) -> None:
-    torch.set_num_threads(threads)
-    step = BUILDERS[name](batch)
-    step()  # warm-up: optimizer state and allocator pools exist before the baseline
-    _reset_peak()
-    before = _rss_kb()
-    for _ in range(3):
-        step()
-    peak = _peak_kb()
-    queue.put((peak / 1024, max(0, peak - before) / 1024))
-
-
-def peak_memory_mb(name: str, batch: int, threads: int) -> tuple[float, float]:
-    """(peak RSS, its growth over the three steps) in MB, measured in a fresh spawned process."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_memory_child, args=(name, batch, threads, queue))
-    proc.start()
-    value = queue.get()
-    proc.join()
-    return value
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
@@ -187,7 +130,7 @@ def main() -> None:
         del steps  # the memory children start from a parent without these models
     if not args.no_memory:
         for name in BUILDERS:
-            peak, growth = peak_memory_mb(name, args.batch, threads)
+            peak, growth = peak_memory_mb(BUILDERS[name], args.batch, threads)
             print(f"peak memory {name:8s}: {peak:8.1f} MB peak RSS ({growth:7.1f} MB growth over 3 steps)")
 
 
