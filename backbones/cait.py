@@ -64,6 +64,26 @@ class ClassAttentionBackbone(TokenBackbone):
 
     num_prefix_tokens = 1
 
+    def build_class_stage(self, *, image_size, patch_size, dim: int, channels: int, emb_dropout: float,
+                          num_classes: int, depth: int, cls_depth: int, heads: int, dim_head: int, mlp_dim: int,
+                          dropout: float, layer_dropout: float, layer_scale: float | None) -> float:
+        """Patch embedding and positions, the class token, the class-attention stage and the final
+        norm, shared by CaiT and XCiT; returns the LayerScale init the patch stage should use."""
+        self.build_tokens(image_size=image_size, patch_size=patch_size, dim=dim, channels=channels,
+                          pos="learned", num_cls_tokens=0, pool="mean", emb_dropout=emb_dropout,
+                          num_classes=num_classes)
+        self.pool, self.num_prefix_tokens = "cls", 1  # the class token joins only at the class stage
+        eps = layer_scale_init(depth) if layer_scale is None else layer_scale
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.cls_blocks = nn.ModuleList(
+            ClassAttentionBlock(dim, heads, dim_head, mlp_dim, dropout=dropout, drop_path=layer_dropout,
+                                layer_scale=eps)
+            for _ in range(cls_depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        return eps
+
     def run_patch_stage(self, tokens: torch.Tensor, grid: tuple[int, int],
                         attn_mask: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
@@ -142,25 +162,16 @@ class CaiT(ClassAttentionBackbone):
         layer_scale: float | None = None,
     ) -> None:
         super().__init__()
-        self.build_tokens(image_size=image_size, patch_size=patch_size, dim=dim, channels=channels,
-                          pos="learned", num_cls_tokens=0, pool="mean", emb_dropout=emb_dropout,
-                          num_classes=num_classes)
-        self.pool, self.num_prefix_tokens = "cls", 1
-        eps = layer_scale_init(depth) if layer_scale is None else layer_scale
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        eps = self.build_class_stage(image_size=image_size, patch_size=patch_size, dim=dim, channels=channels,
+                                     emb_dropout=emb_dropout, num_classes=num_classes, depth=depth,
+                                     cls_depth=cls_depth, heads=heads, dim_head=dim_head, mlp_dim=mlp_dim,
+                                     dropout=dropout, layer_dropout=layer_dropout, layer_scale=layer_scale)
         # Paper and timm: the same stochastic-depth rate in every layer.
         self.transformer = block_stack([
             Block(dim, heads, dim_head, mlp_dim, dropout=dropout, drop_path=layer_dropout, layer_scale=eps,
                   attn=HeadMixAttention(dim, heads, dim_head, pre_mix=True, post_mix=True, proj_drop=dropout))
             for _ in range(depth)
         ])
-        self.cls_blocks = nn.ModuleList(
-            ClassAttentionBlock(dim, heads, dim_head, mlp_dim, dropout=dropout, drop_path=layer_dropout,
-                                layer_scale=eps)
-            for _ in range(cls_depth)
-        )
-        self.norm = nn.LayerNorm(dim)
 
     def run_patch_stage(self, tokens: torch.Tensor, grid: tuple[int, int],
                         attn_mask: torch.Tensor | None) -> torch.Tensor:

@@ -17,7 +17,7 @@ from torch import nn
 from ssl_vit import EXTRA_TOKENS, MASK_TOKEN, register_presets
 from ssl_vit.layers import AttentionBase, DropPath, LayerScale, Mlp
 
-from .cait import ClassAttentionBackbone, ClassAttentionBlock, layer_scale_init
+from .cait import ClassAttentionBackbone
 
 __all__ = ["XCiT", "XCAttention"]
 
@@ -124,24 +124,15 @@ class XCiT(ClassAttentionBackbone):
         layer_scale: float | None = None,
     ) -> None:
         super().__init__()
-        self.build_tokens(image_size=image_size, patch_size=patch_size, dim=dim, channels=channels,
-                          pos="learned", num_cls_tokens=0, pool="mean", emb_dropout=emb_dropout,
-                          num_classes=num_classes)
-        self.pool, self.num_prefix_tokens = "cls", 1
-        eps = layer_scale_init(depth) if layer_scale is None else layer_scale
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        eps = self.build_class_stage(image_size=image_size, patch_size=patch_size, dim=dim, channels=channels,
+                                     emb_dropout=emb_dropout, num_classes=num_classes, depth=depth,
+                                     cls_depth=cls_depth, heads=heads, dim_head=dim_head, mlp_dim=mlp_dim,
+                                     dropout=dropout, layer_dropout=layer_dropout, layer_scale=layer_scale)
         self.blocks = nn.ModuleList(
             XCABlock(dim, heads, dim_head, mlp_dim, kernel_size=local_patch_kernel_size, dropout=dropout,
                      drop_path=layer_dropout, layer_scale=eps)
             for _ in range(depth)
         )
-        self.cls_blocks = nn.ModuleList(
-            ClassAttentionBlock(dim, heads, dim_head, mlp_dim, dropout=dropout, drop_path=layer_dropout,
-                                layer_scale=eps)
-            for _ in range(cls_depth)
-        )
-        self.norm = nn.LayerNorm(dim)
 
     def run_patch_stage(self, tokens: torch.Tensor, grid: tuple[int, int],
                         attn_mask: torch.Tensor | None) -> torch.Tensor:
