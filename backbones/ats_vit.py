@@ -23,7 +23,7 @@ from einops import rearrange
 from torch import nn
 
 from ssl_vit import BackboneOutput, TokenBackbone, register_presets
-from ssl_vit.layers import Attention, DropPath, Mlp, attend
+from ssl_vit.layers import Attention, DropPath, Mlp, attend, drop_path_rates
 from ssl_vit.masking import gather_tokens, replace_masked
 
 __all__ = ["ATSViT", "AdaptiveTokenSampler"]
@@ -145,7 +145,7 @@ class ATSViT(TokenBackbone):
         self.build_tokens(image_size=image_size, patch_size=patch_size, dim=dim, channels=channels,
                           pos="learned", num_cls_tokens=1, pool="cls", emb_dropout=emb_dropout,
                           num_classes=num_classes)
-        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        rates = drop_path_rates(drop_path, depth)
         self.blocks = nn.ModuleList(
             ATSBlock(dim, heads, dim_head, mlp_dim, t, dropout=dropout, drop_path=p) for t, p in zip(budget, rates)
         )

@@ -14,7 +14,7 @@ from torch import nn
 
 from ssl_vit import EXTRA_TOKENS, MASK_TOKEN, Backbone, BackboneOutput, register_backbone, register_presets
 from ssl_vit.embed import LearnedPosEmbed, SinCosPosEmbed, to_pair
-from ssl_vit.layers import Attention, DropPath, Mlp
+from ssl_vit.layers import Attention, DropPath, Mlp, drop_path_rates
 from ssl_vit.masking import hide_pixels, replace_masked
 
 from .t2t import check_window
@@ -142,7 +142,7 @@ class CCT(Backbone):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         trunc_normal_(self.mask_token, std=0.02)
         self.dropout = nn.Dropout(dropout_rate)
-        rates = torch.linspace(0, stochastic_depth_rate, num_layers).tolist()
+        rates = drop_path_rates(stochastic_depth_rate, num_layers)
         self.blocks = nn.ModuleList(
             CCTBlock(dim, num_heads, int(dim * mlp_ratio), dropout=dropout_rate, attn_drop=attention_dropout,
                      drop_path=r)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ssl_vit import register_presets
-from ssl_vit.layers import Attention, DropPath, Mlp
+from ssl_vit.layers import Attention, DropPath, Mlp, drop_path_rates
 
 from ._hierarchy import HierarchicalBackbone, check_divisible, window_merge, window_partition
 
@@ -156,7 +156,7 @@ class CrossFormer(HierarchicalBackbone):
         kernels, strides = _cast(cross_embed_kernel_sizes, n), _cast(cross_embed_strides, n)
         if not all(len(t) == n for t in (depths, globals_, locals_, kernels, strides)):
             raise ValueError(f"every per-stage argument needs {n} entries (one per stage of dim)")
-        rates = iter([drop_path * i / max(2 * sum(depths) - 1, 1) for i in range(2 * sum(depths))])
+        rates = iter(drop_path_rates(drop_path, 2 * sum(depths)))
         self.embeds, self.stages = nn.ModuleList(), nn.ModuleList()
         self.windows: list[tuple[int, int]] = []
         stride, multiple, d_in = 1, 1, channels

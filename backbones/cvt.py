@@ -17,7 +17,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from ssl_vit import register_presets
-from ssl_vit.layers import AttentionBase, DropPath, Mlp
+from ssl_vit.layers import AttentionBase, DropPath, Mlp, drop_path_rates
 
 from ._hierarchy import ChannelNorm, HierarchicalBackbone
 
@@ -127,7 +127,7 @@ class CvT(HierarchicalBackbone):
         cfg = [{k: args[f"{s}_{k}"] for k in ("emb_dim", "emb_kernel", "emb_stride", "proj_kernel",
                                                "kv_proj_stride", "heads", "depth", "mlp_mult")} for s in _STAGES]
         total = sum(c["depth"] for c in cfg)
-        rates = iter([drop_path * i / max(total - 1, 1) for i in range(total)])
+        rates = iter(drop_path_rates(drop_path, total))
         stride = 1
         in_dim = channels
         self.embeds = nn.ModuleList()

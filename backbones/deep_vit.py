@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_vit import TokenBackbone, register_presets
-from ssl_vit.layers import Attention, Block, Transformer
+from ssl_vit.layers import Attention, Block, Transformer, drop_path_rates
 
 __all__ = ["DeepViT", "HeadMix", "HeadMixAttention"]
 
@@ -119,7 +119,7 @@ class DeepViT(TokenBackbone):
         self.build_tokens(image_size=image_size, patch_size=patch_size, dim=dim, channels=channels,
                           pos="learned", num_cls_tokens=1, pool=pool, emb_dropout=emb_dropout,
                           num_classes=num_classes)
-        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        rates = drop_path_rates(drop_path, depth)
         self.transformer = block_stack([
             Block(dim, heads, dim_head, mlp_dim, dropout=dropout, drop_path=r,
                   attn=HeadMixAttention(dim, heads, dim_head, post_mix=True, post_norm=True, proj_drop=dropout))

@@ -18,7 +18,7 @@ from einops import rearrange
 from torch import nn
 
 from ssl_vit import register_presets
-from ssl_vit.layers import AttentionBase, DropPath
+from ssl_vit.layers import AttentionBase, DropPath, drop_path_rates
 
 from ._hierarchy import HierarchicalBackbone
 
@@ -145,7 +145,7 @@ class LeViT(HierarchicalBackbone):
         size = image_size if isinstance(image_size, (tuple, list)) else (image_size, image_size)
         fmap = (max(size[0] // 16, 1), max(size[1] // 16, 1))
         total = sum(depths) + stages - 1
-        rates = iter([drop_path * i / max(total - 1, 1) for i in range(total)])
+        rates = iter(drop_path_rates(drop_path, total))
         blocks = []
         for i in range(stages):
             blocks += [LeViTBlock(dims[i], dims[i], layer_heads[i], dim_key, dim_value, mlp_mult, fmap, False,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ssl_vit import register_presets
-from ssl_vit.layers import Attention, DropPath, Mlp
+from ssl_vit.layers import Attention, DropPath, Mlp, drop_path_rates
 
 from ._hier_common import (
     HierBackbone,
@@ -154,7 +154,7 @@ class MaxViT(HierBackbone):
         self.conv_stem = nn.Sequential(nn.Conv2d(channels, stem_dim, 3, stride=2, padding=1),
                                        nn.Conv2d(stem_dim, stem_dim, 3, padding=1))
         self.mask_token = nn.Parameter(torch.zeros(stem_dim))
-        rates = torch.linspace(0, drop_path, sum(depth)).tolist()
+        rates = drop_path_rates(drop_path, sum(depth))
         blocks, dim_in = [], stem_dim
         for i in range(n):
             for j in range(depth[i]):

@@ -20,7 +20,7 @@ from torch import nn
 
 from ssl_vit import register_presets
 from ssl_vit.embed import to_pair
-from ssl_vit.layers import Attention, DropPath, Mlp
+from ssl_vit.layers import Attention, DropPath, Mlp, drop_path_rates
 
 from ._hier_common import HierBackbone, pick_default_size, to_cf, to_cl
 
@@ -136,7 +136,7 @@ class MobileViT(HierBackbone):
             MV2Block(c[2], c[3], 1, expansion), MV2Block(c[3], c[3], 1, expansion),
         )
         mlp_mults = (2, 4, 4)  # the paper's feed-forward widths: 2x in the first stage, 4x after
-        rates = torch.linspace(0, drop_path, 3).tolist()
+        rates = drop_path_rates(drop_path, 3)
         self.trunk = nn.ModuleList()
         dim_in = c[3]
         for i in range(3):

@@ -16,7 +16,7 @@ from torch import nn
 
 from ssl_vit import register_presets
 from ssl_vit.embed import LearnedPosEmbed, to_pair
-from ssl_vit.layers import Transformer
+from ssl_vit.layers import Transformer, drop_path_rates
 
 from ._hier_common import HierBackbone, LayerNorm2d, pick_default_size, to_cf, to_cl
 
@@ -102,7 +102,7 @@ class NesT(HierBackbone):
         self.mask_token = nn.Parameter(torch.zeros(dim))
         fmap = [s // patch_size for s in self.default_size]
         block_grid = (fmap[0] // 2 ** (n - 1), fmap[1] // 2 ** (n - 1))
-        rates = torch.linspace(0, drop_path, n).tolist()
+        rates = drop_path_rates(drop_path, n)
         self.levels = nn.ModuleList()
         self.aggregates = nn.ModuleList()
         for i in range(n):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ssl_vit import TokenBackbone, register_presets
-from ssl_vit.layers import Attention, DropPath, Mlp
+from ssl_vit.layers import Attention, DropPath, Mlp, drop_path_rates
 
 __all__ = ["ParallelViT", "ParallelBlock"]
 
@@ -39,7 +39,7 @@ class ParallelTransformer(nn.Module):
     def __init__(self, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int, num_branches: int, *,
                  dropout: float = 0.0, drop_path: float = 0.0) -> None:
         super().__init__()
-        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        rates = drop_path_rates(drop_path, depth)
         self.blocks = nn.ModuleList(
             ParallelBlock(dim, heads, dim_head, mlp_dim, num_branches, dropout=dropout, drop_path=r) for r in rates
         )

@@ -19,7 +19,7 @@ from torch import nn
 
 from ssl_vit import register_presets
 from ssl_vit.embed import LearnedPosEmbed, to_pair
-from ssl_vit.layers import Block
+from ssl_vit.layers import Block, drop_path_rates
 
 from ._hierarchy import HierarchicalBackbone
 
@@ -80,7 +80,7 @@ class PiT(HierarchicalBackbone):
         trunc_normal_(self.cls_token, std=0.02)
         self.pos_drop = nn.Dropout(emb_dropout)
         total = sum(depth)
-        rates = iter([drop_path * i / max(total - 1, 1) for i in range(total)])  # rises over the whole net
+        rates = iter(drop_path_rates(drop_path, total))  # rises over the whole net
         self.stages = nn.ModuleList()
         self.pools = nn.ModuleList()
         for i, (d, h) in enumerate(zip(depth, heads)):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_vit import register_presets
-from ssl_vit.layers import Attention, DropPath, Mlp
+from ssl_vit.layers import Attention, DropPath, Mlp, drop_path_rates
 
 from ._hierarchy import ChannelNorm, HierarchicalBackbone, window_merge, window_partition
 
@@ -137,7 +137,7 @@ class RegionViT(HierarchicalBackbone):
             self.local_encoder = nn.Sequential(nn.ZeroPad2d(pad), nn.Conv2d(channels, d0, 2 * p, p))
         region = p * window_size
         self.region_encoder = nn.Conv2d(channels, d0, region, stride=region)
-        rates = [drop_path * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]
+        rates = drop_path_rates(drop_path, sum(depths))
         self.downsample, self.pegs, self.stages = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         current, done = d0, 0
         for i, (d, n) in enumerate(zip(dims, depths)):

@@ -17,7 +17,7 @@ from einops import rearrange
 from torch import nn
 
 from ssl_vit import register_presets
-from ssl_vit.layers import AttentionBase, DropPath, Mlp
+from ssl_vit.layers import AttentionBase, DropPath, Mlp, drop_path_rates
 
 from ._hier_common import (
     PEG,
@@ -165,7 +165,7 @@ class ScalableViT(HierBackbone):
 
         self.patch_embed = nn.Conv2d(channels, dim, 7, stride=4, padding=3)
         self.mask_token = nn.Parameter(torch.zeros(dim))
-        rates = torch.linspace(0, drop_path, 2 * sum(depth)).tolist()
+        rates = drop_path_rates(drop_path, 2 * sum(depth))
         self.layers = nn.ModuleList()
         self.norms = nn.ModuleList()
         self.downsamples = nn.ModuleList()

@@ -15,7 +15,7 @@ from einops import rearrange
 from torch import nn
 
 from ssl_vit import register_presets
-from ssl_vit.layers import AttentionBase, DropPath, Mlp
+from ssl_vit.layers import AttentionBase, DropPath, Mlp, drop_path_rates
 
 from ._hier_common import (
     PEG,
@@ -122,7 +122,7 @@ class SepViT(HierBackbone):
         self.size_multiple = stage_size_multiple(strides, windows)
         self.default_size = pick_default_size(image_size, self.size_multiple, "SepViT")
 
-        rates = torch.linspace(0, drop_path, sum(depth)).tolist()
+        rates = drop_path_rates(drop_path, sum(depth))
         self.embeds = nn.ModuleList()
         self.pegs = nn.ModuleList()
         self.layers = nn.ModuleList()

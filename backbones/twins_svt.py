@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ssl_vit import register_presets
-from ssl_vit.layers import Attention, DropPath, Mlp
+from ssl_vit.layers import Attention, DropPath, Mlp, drop_path_rates
 
 from ._hierarchy import HierarchicalBackbone, check_divisible, window_merge, window_partition
 
@@ -140,7 +140,7 @@ class TwinsSVT(HierarchicalBackbone):
         cfg = [{k: args[f"{s}_{k}"] for k in ("emb_dim", "patch_size", "local_patch_size", "global_k", "depth")}
                for s in _STAGES]
         n_blocks = [(c["depth"] + 1) * (1 if i == 3 else 2) for i, c in enumerate(cfg)]
-        rates = iter([drop_path * i / max(sum(n_blocks) - 1, 1) for i in range(sum(n_blocks))])
+        rates = iter(drop_path_rates(drop_path, sum(n_blocks)))
         self.embeds, self.stages, self.pegs = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         self.windows: list[tuple[int, int]] = []
         stride, multiple, dim_in = 1, 1, channels

@@ -18,7 +18,15 @@ from torch import nn
 # timm's ViT LayerNorm epsilon, so weights exported in timm's layout give timm's features exactly.
 LN_EPS = 1e-6
 
-__all__ = ["LN_EPS", "AttentionBase", "Attention", "Mlp", "Block", "Transformer", "attend", "DropPath", "LayerScale"]
+__all__ = [
+    "LN_EPS", "drop_path_rates", "AttentionBase", "Attention", "Mlp", "Block", "Transformer", "attend", "DropPath",
+    "LayerScale",
+]
+
+
+def drop_path_rates(drop_path: float, n: int) -> list[float]:
+    """Stochastic-depth rates rising linearly from 0 to `drop_path` over n blocks (Huang et al. 2016)."""
+    return [drop_path * i / max(n - 1, 1) for i in range(n)]
 
 
 def attend(
@@ -198,7 +206,7 @@ class Transformer(nn.Module):
     def __init__(self, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int, *,
                  dropout: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, **block_kwargs) -> None:
         super().__init__()
-        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        rates = drop_path_rates(drop_path, depth)
         self.blocks = nn.ModuleList(
             Block(dim, heads, dim_head, mlp_dim, dropout=dropout, attn_drop=attn_drop, drop_path=r, **block_kwargs)
             for r in rates
