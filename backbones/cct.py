@@ -103,12 +103,6 @@ class CCT(Backbone):
         in_planes: int = 64,
     ) -> None:
         super().__init__()
-        if positional_embedding not in ("learnable", "sine", "none"):
-            raise ValueError(
-                f"positional_embedding must be 'learnable', 'sine' or 'none', got {positional_embedding!r}"
-            )
-        if embedding_dim % num_heads:
-            raise ValueError(f"embedding_dim {embedding_dim} must be divisible by num_heads {num_heads}")
         dim = embedding_dim
         self.tokenizer = ConvTokenizer(n_input_channels, dim, n_conv_layers, kernel_size, stride, padding,
                                        pooling_kernel_size, pooling_stride, pooling_padding, in_planes)
@@ -128,6 +122,12 @@ class CCT(Backbone):
                       mlp_ratio: float, num_classes: int, seq_pool: bool) -> None:
         """Everything after the tokenizer: positions over `grid` (2-D or 3-D), class or mask tokens,
         the CCT layers, sequence pooling and the head. Shared with the video CCT."""
+        if positional_embedding not in ("learnable", "sine", "none"):
+            raise ValueError(
+                f"positional_embedding must be 'learnable', 'sine' or 'none', got {positional_embedding!r}"
+            )
+        if dim % num_heads:
+            raise ValueError(f"embedding_dim {dim} must be divisible by num_heads {num_heads}")
         self.embed_dim = dim
         self.num_prefix_tokens = 0 if seq_pool else 1
         self.seq_pool = seq_pool

@@ -101,12 +101,6 @@ class CCT3D(CCT):
         in_planes: int = 64,
     ) -> None:
         Backbone.__init__(self)  # CCT's constructor builds a 2-D tokenizer; the encoder is shared below
-        if positional_embedding not in ("learnable", "sine", "none"):
-            raise ValueError(
-                f"positional_embedding must be 'learnable', 'sine' or 'none', got {positional_embedding!r}"
-            )
-        if embedding_dim % num_heads:
-            raise ValueError(f"embedding_dim {embedding_dim} must be divisible by num_heads {num_heads}")
         # Default frame paddings: the seed's k // 2 for odd windows; (k - 1) // 2 keeps even windows
         # (e.g. a 2-frame pooling) on an exact grid, where k // 2 would add a token.
         frame_padding = (frame_kernel_size - 1) // 2 if frame_padding is None else frame_padding
