@@ -24,7 +24,7 @@ from torch import nn
 
 from ssl_vit import BackboneOutput, TokenBackbone, register_presets
 from ssl_vit.layers import Attention, DropPath, Mlp, attend, drop_path_rates
-from ssl_vit.masking import gather_tokens, replace_masked
+from ssl_vit.masking import gather_tokens
 
 __all__ = ["ATSViT", "AdaptiveTokenSampler"]
 
@@ -164,14 +164,8 @@ class ATSViT(TokenBackbone):
     ) -> BackboneOutput:
         """x (B, C, H, W) -> BackboneOutput; patch_tokens (B, N, D) (or (B, K, D) for `keep`)."""
         self.check_request(x, mask, keep, extra_tokens, use_pos)
-        tokens, grid = self.embed(x)
+        tokens, grid = self.prepare_patches(x, mask=mask, keep=keep, use_pos=use_pos)
         b = tokens.shape[0]
-        if mask is not None:
-            tokens = replace_masked(tokens, mask, self.mask_token[0, 0])
-        if use_pos:
-            tokens = tokens + self.pos_embed(grid, tokens.device, tokens.dtype)
-        if keep is not None:
-            tokens = gather_tokens(tokens, keep)
         prefix = self.prefix(b, use_pos)
         if extra_tokens is not None:
             prefix = torch.cat([prefix, extra_tokens.to(prefix.dtype)], dim=1)

@@ -16,7 +16,6 @@ from torch import nn
 
 from ssl_vit import POS_FREE, BackboneOutput, TokenBackbone, register_presets
 from ssl_vit.layers import Attention, Block, DropPath, LayerScale, Mlp
-from ssl_vit.masking import gather_tokens, replace_masked
 
 from .deep_vit import HeadMixAttention, block_stack
 
@@ -106,14 +105,8 @@ class ClassAttentionBackbone(TokenBackbone):
         self.check_request(x, mask, keep, extra_tokens, use_pos)
         if kv_mask is not None:
             self.require(POS_FREE, "kv_mask")
-        tokens, grid = self.embed(x)
+        tokens, grid = self.prepare_patches(x, mask=mask, keep=keep, use_pos=use_pos)
         b = tokens.shape[0]
-        if mask is not None:
-            tokens = replace_masked(tokens, mask, self.mask_token[0, 0])
-        if use_pos:
-            tokens = tokens + self.pos_embed(grid, tokens.device, tokens.dtype)
-        if keep is not None:
-            tokens = gather_tokens(tokens, keep)
         visible = None
         if kv_mask is not None:
             visible = ~kv_mask.flatten(1)

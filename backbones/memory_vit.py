@@ -29,7 +29,6 @@ from ssl_vit import (
     register_presets,
 )
 from ssl_vit.layers import Transformer
-from ssl_vit.masking import gather_tokens, replace_masked
 
 from .vit import ViT
 
@@ -96,14 +95,8 @@ class MemoryViT(Backbone):
         """x (B, C, H, W) -> BackboneOutput; same token order and positions as the wrapped ViT."""
         self.check_request(x, mask, keep, extra_tokens, use_pos)
         vit = self.vit
-        tokens, grid = vit.embed(x)
+        tokens, grid = vit.prepare_patches(x, mask=mask, keep=keep, use_pos=use_pos, mask_token=self.mask_token)
         b = tokens.shape[0]
-        if mask is not None:
-            tokens = replace_masked(tokens, mask, self.mask_token[0, 0])
-        if use_pos:
-            tokens = tokens + vit.pos_embed(grid, tokens.device, tokens.dtype)
-        if keep is not None:
-            tokens = gather_tokens(tokens, keep)
         prefix = vit.prefix(b, use_pos)
         if extra_tokens is not None:
             prefix = torch.cat([prefix, extra_tokens.to(prefix.dtype)], dim=1)

@@ -18,7 +18,6 @@ from torch import nn
 
 from ssl_vit import BackboneOutput, TokenBackbone, register_presets
 from ssl_vit.layers import Transformer, attend
-from ssl_vit.masking import gather_tokens, replace_masked
 
 __all__ = ["PatchMergerViT", "PatchMerger"]
 
@@ -97,13 +96,7 @@ class PatchMergerViT(TokenBackbone):
         """x (B, C, H, W) -> patch_tokens (B, N, D) at the merge, prefix_tokens (B, M [+E], D),
         pooled (B, D) = mean of the merged tokens."""
         self.check_request(x, mask, keep, extra_tokens, use_pos)
-        tokens, grid = self.embed(x)
-        if mask is not None:
-            tokens = replace_masked(tokens, mask, self.mask_token[0, 0])
-        if use_pos:
-            tokens = tokens + self.pos_embed(grid, tokens.device, tokens.dtype)
-        if keep is not None:
-            tokens = gather_tokens(tokens, keep)
+        tokens, grid = self.prepare_patches(x, mask=mask, keep=keep, use_pos=use_pos)
         e = 0 if extra_tokens is None else extra_tokens.shape[1]
         h = tokens if extra_tokens is None else torch.cat([extra_tokens.to(tokens.dtype), tokens], dim=1)
         h = self.emb_dropout(h)

@@ -94,6 +94,24 @@ class TokenBackbone(Backbone):
         """(B, C, H, W) or (B, C, T, H, W) -> patch tokens (B, N, D) and their grid."""
         return self.patch_embed(x)
 
+    def prepare_patches(self, x: torch.Tensor, *, mask: torch.Tensor | None, keep: torch.Tensor | None,
+                        use_pos: bool, mask_token: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple]:
+        """Patch embedding -> mask token on hidden cells -> positions -> `keep` gather.
+
+        Returns the patch tokens (B, N, D) (or (B, K, D) with `keep`) and the full grid. The one
+        place where the order of these steps is fixed, for every model built on this skeleton
+        (`mask_token`: a wrapper's own token instead of this model's).
+        """
+        tokens, grid = self.embed(x)
+        if mask is not None:
+            token = self.mask_token if mask_token is None else mask_token
+            tokens = replace_masked(tokens, mask, token.reshape(-1))
+        if use_pos:
+            tokens = tokens + self.pos_embed(grid, tokens.device, tokens.dtype)
+        if keep is not None:
+            tokens = gather_tokens(tokens, keep)
+        return tokens, grid
+
     def prefix(self, batch: int, use_pos: bool) -> torch.Tensor:
         """Class tokens (B, R, D), with their positions."""
         if self.cls_token is None:
@@ -130,14 +148,8 @@ class TokenBackbone(Backbone):
         attention layer but still queries (MP3, Zhai et al. 2022). Needs `pos_free`.
         """
         self.check_request(x, mask, keep, extra_tokens, use_pos)
-        tokens, grid = self.embed(x)
+        tokens, grid = self.prepare_patches(x, mask=mask, keep=keep, use_pos=use_pos)
         b = tokens.shape[0]
-        if mask is not None:
-            tokens = replace_masked(tokens, mask, self.mask_token[0, 0])
-        if use_pos:
-            tokens = tokens + self.pos_embed(grid, tokens.device, tokens.dtype)
-        if keep is not None:
-            tokens = gather_tokens(tokens, keep)
         prefix = self.prefix(b, use_pos)
         if extra_tokens is not None:
             prefix = torch.cat([prefix, extra_tokens.to(prefix.dtype)], dim=1)
