@@ -15,6 +15,11 @@ gradient cancelling (first epoch), an AdamW step and the teacher's EMA update.
   `DINOProjectionHead` + `DINOLoss`, views from `DINOTransform` per PIL image (what its data loader
   runs), one forward per view and `update_momentum`, as in lightly's DINO example.
 
+Ceiling: the script also times the ViT passes alone (timm's ViT-S/16: the student's forward and
+backward on the 8 views, the teacher's forward on the 2 global ones, views made beforehand), the
+work neither side can avoid at fp32. Its rate over lightly's is the largest ratio any DINO
+implementation could reach against lightly here.
+
 Peak memory (CPU): each side runs in its own spawned process (one warm-up step, then three); we
 print its peak resident set size over those three (VmHWM, reset after warm-up), which counts the
 same model, teacher and optimizer state on both sides plus the step's activations, and, as in
@@ -47,6 +52,7 @@ def make_batch(batch: int) -> torch.Tensor:
 
 def build_ours(batch: int):
     import ssl_vit
+    from launch.loop import make_adamw
     from objectives import Dino
     from objectives.views import IMAGENET_MEAN, IMAGENET_STD, make_views
 
@@ -54,7 +60,8 @@ def build_ours(batch: int):
     backbone = ssl_vit.create_backbone("vit_small_patch16")
     model = Dino(backbone, image_size=GLOBAL, local_crop_size=LOCAL, num_local_crops=NUM_LOCAL,
                  projection_hidden_size=HIDDEN, bottleneck_dim=BOTTLENECK, num_classes_K=K)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
+    opt = make_adamw([{"params": [p for p in model.parameters() if p.requires_grad]}], lr=5e-4, betas=(0.9, 0.999),
+                     eps=1e-8)  # the launcher's optimizer (fused kernel)
     specs = model.view_specs()
     images = make_batch(batch)
 
@@ -110,6 +117,29 @@ def build_lightly(batch: int):
     return step
 
 
+def build_backbones_only(batch: int):
+    """The floor under both sides: timm's ViT-S/16 forward+backward on the 8 student views and forward
+    on the 2 teacher views (views made once, outside the step), nothing else. A DINO step can be at
+    most lightly's step time / this time faster than lightly at equal precision."""
+    import timm
+
+    torch.manual_seed(0)
+    student = timm.create_model("vit_small_patch16_224", num_classes=0, dynamic_img_size=True)
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    views = [torch.randn(batch, 3, GLOBAL, GLOBAL, generator=g) for _ in range(2)]
+    views += [torch.randn(batch, 3, LOCAL, LOCAL, generator=g) for _ in range(NUM_LOCAL)]
+
+    def step() -> None:
+        with torch.no_grad():
+            for v in views[:2]:
+                teacher(v)
+        student.zero_grad(set_to_none=True)
+        sum(student(v).square().mean() for v in views).backward()
+
+    return step
+
+
 BUILDERS = {"ours": build_ours, "lightly": build_lightly}
 
 
@@ -126,10 +156,14 @@ def main() -> None:
     print(f"torch threads: {threads} (load {os.getloadavg()[0]:.2f})")
     if not args.memory_only:
         steps = {name: build(args.batch) for name, build in BUILDERS.items()}
+        steps["backbones only"] = build_backbones_only(args.batch)
         rates = compare(steps, images_per_call=args.batch, rounds=args.rounds, warmup=args.warmup)
         title = f"DINO ViT-S/16 step (batch {args.batch}, 2x{GLOBAL}+{NUM_LOCAL}x{LOCAL}, K={K})"
         ratio = report(title, rates, "ours", "lightly")
         print(f"throughput ratio ours/lightly: {ratio:.2f}x")
+        ceiling = rates["backbones only"] / rates["lightly"]
+        print(f"ceiling (backbones only, {rates['backbones only']:.2f} img/s, / lightly): {ceiling:.2f}x; "
+              f"lightly spends {100 * (1 - 1 / ceiling):.0f}% of its step outside the ViT passes")
         del steps
     if not args.no_memory:
         for name in BUILDERS:

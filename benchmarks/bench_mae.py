@@ -45,6 +45,7 @@ def make_batch(batch: int) -> torch.Tensor:
 
 def build_ours(batch: int):
     import ssl_vit
+    from launch.loop import make_adamw
     from objectives import MAE, make_views
     from ssl_vit import ViewSpec
 
@@ -52,7 +53,8 @@ def build_ours(batch: int):
     backbone = ssl_vit.create_backbone("vit_small_patch16")
     model = MAE(backbone, masking_ratio=MASK_RATIO, decoder_dim=DECODER_DIM, decoder_depth=DECODER_DEPTH,
                 decoder_heads=DECODER_HEADS, decoder_dim_head=DECODER_DIM // DECODER_HEADS, norm_pix_loss=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4)
+    opt = make_adamw([{"params": list(model.parameters())}], lr=1.5e-4, betas=(0.9, 0.999),
+                     eps=1e-8)  # the launcher's optimizer (fused kernel)
     specs = [ViewSpec("mae", 1, (224, 224), scale=(0.2, 1.0), hflip=0.5)]
     images = make_batch(batch)
 

@@ -186,6 +186,35 @@ def test_last_layer_frozen_during_first_steps():
     assert Dino(tiny_vit(), **TINY).frozen_last_layer_steps(1000) == 10  # default: 1 epoch of 100
 
 
+@pytest.mark.parametrize("fixed_norm", [True, False])
+def test_weight_norm_linear_matches_torch_weight_norm(fixed_norm):
+    """Our output-scaled last layer against torch's weight_norm parametrisation (g = 1 and frozen for
+    DINO's norm_last_layer): same outputs and same gradients for the input, v and g."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    from objectives.heads import WeightNormLinear
+
+    torch.manual_seed(0)
+    ours = WeightNormLinear(16, 40, fixed_norm=fixed_norm)
+    if not fixed_norm:
+        ours.gain.data.uniform_(0.5, 2.0)
+    ref = weight_norm(nn.Linear(16, 40, bias=False), dim=0)
+    ref.parametrizations.weight.original1.data.copy_(ours.weight.data)  # v
+    ref.parametrizations.weight.original0.data.copy_(
+        torch.ones(40, 1) if fixed_norm else ours.gain.data[:, None])  # g
+    ref.parametrizations.weight.original0.requires_grad_(not fixed_norm)
+    x = torch.randn(6, 16, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    w = torch.randn(6, 40)
+    (ours(x) * w).sum().backward()
+    (ref(x_ref) * w).sum().backward()
+    torch.testing.assert_close(ours(x), ref(x_ref))
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(ours.weight.grad, ref.parametrizations.weight.original1.grad)
+    if not fixed_norm:
+        torch.testing.assert_close(ours.gain.grad, ref.parametrizations.weight.original0.grad[:, 0])
+
+
 def test_ema_foreach_matches_per_parameter_formula():
     torch.manual_seed(0)
     student = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5))

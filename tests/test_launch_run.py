@@ -188,3 +188,25 @@ def test_fsdp_without_gpus_is_one_line(common, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "FSDP needs GPUs" in err[0]
     assert not out.exists()
+
+
+def test_fused_adamw_takes_the_same_steps_as_the_loop():
+    """optim.fused picks torch's fused AdamW on CPU; its updates equal the per-tensor loop's."""
+    from launch.loop import make_adamw
+
+    torch.manual_seed(0)
+    weights = [torch.randn(5, 3, requires_grad=True), torch.randn(3, requires_grad=True)]
+    copies = [w.detach().clone().requires_grad_(True) for w in weights]
+    start = [w.detach().clone() for w in weights]
+    kw = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    fused = make_adamw([{"params": weights, "weight_decay": 0.05}], **kw)
+    loop = make_adamw([{"params": copies, "weight_decay": 0.05}], **kw, fused=False)
+    assert fused.defaults["fused"] and not loop.defaults["fused"]
+    for _ in range(3):
+        for params, opt in ((weights, fused), (copies, loop)):
+            opt.zero_grad()
+            (params[0].sin().sum() + params[1].square().sum()).backward()
+            opt.step()
+    for a, b, a0 in zip(weights, copies, start):
+        torch.testing.assert_close(a, b)
+        assert (a - a0).abs().min() > 1e-3  # every weight moved
