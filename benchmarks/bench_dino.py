@@ -9,8 +9,8 @@ last layer), DINO's cross-entropy over the 14 view pairs with centring, backward
 gradient cancelling (first epoch), an AdamW step and the teacher's EMA update.
 
 - ours: `create_backbone("vit_small_patch16")` + `objectives.Dino`; views from `objectives.make_views`
-  (Kornia, batched, per-sample parameters), crops of one size in one forward pass, vectorised loss,
-  `torch._foreach` EMA.
+  (Kornia, batched, per-sample parameters), crops of one size in one forward pass, the last layer
+  scaled on its output, vectorised loss, `torch._foreach` EMA, the launcher's fused AdamW.
 - lightly: timm `vit_small_patch16_224` (dynamic_img_size, for the 96 px crops) +
   `DINOProjectionHead` + `DINOLoss`, views from `DINOTransform` per PIL image (what its data loader
   runs), one forward per view and `update_momentum`, as in lightly's DINO example.
