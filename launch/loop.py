@@ -522,7 +522,8 @@ def validate(run: Run, model, objective: nn.Module, specs, norm, accelerator) ->
     total = torch.zeros(2, device=accelerator.device)
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     objective.eval()
-    with torch.random.fork_rng(devices=devices):
+    # no graph: validation only reads the loss (keeps memory flat and the loss a plain number)
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(1234 + accelerator.process_index)
         for i, batch in enumerate(loader):
             if i >= cfg["train"]["val_batches"]:
