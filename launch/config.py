@@ -179,6 +179,12 @@ def resolve(objective: str | None, backbone: str | None, *, config_file: str | N
         check_keys(layer, defaults, str(path))
         cfg = merge(cfg, layer)
         sources.append(str(path))
+        per_objective = profile_objective_file(profile, objective)
+        if per_objective is not None:
+            layer = read_yaml(per_objective)
+            check_keys(layer, defaults, str(per_objective))
+            cfg = merge(cfg, layer)
+            sources.append(str(per_objective))
     cfg = merge(cfg, user)
     if config_file:
         sources.append(str(config_file))
@@ -188,6 +194,21 @@ def resolve(objective: str | None, backbone: str | None, *, config_file: str | N
     for key in FREE_KEYS:
         cfg[key] = dict(cfg.get(key) or {})
     return cfg, sources
+
+
+def profile_objective_file(profile: str, objective: str | None) -> Path | None:
+    """`configs/profiles/<profile>/<objective>.yaml`: the profile's settings for one objective (the demo's
+    small heads and crop counts), merged right after `configs/profiles/<profile>.yaml`; None if absent."""
+    if not objective:
+        return None
+    path = CONFIG_DIR / "profiles" / profile / f"{objective}.yaml"
+    return path if path.is_file() else None
+
+
+def profile_objective_args(profile: str, objective: str) -> dict[str, Any]:
+    """The `objective_args` a profile gives one objective ({} if none): what the tiny-preset sweeps use."""
+    path = profile_objective_file(profile, objective)
+    return dict(read_yaml(path).get("objective_args") or {}) if path is not None else {}
 
 
 def _drop_none(tree: Mapping[str, Any]) -> dict[str, Any]:

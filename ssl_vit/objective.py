@@ -53,12 +53,34 @@ class Objective(nn.Module):
     """
 
     requires: tuple[frozenset[str], ...] = (frozenset(),)
+    # Declared capabilities the launcher reads (never probed with getattr/hasattr):
     needs_labels: bool = False  # the launcher passes `labels=` (B,) long when True (distillation)
+    can_reconstruct: bool = False  # `reconstruct(images)` gives pictures (MAE, SimMIM)
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.check_backbone(backbone)
         self.metrics: dict[str, float] = {}
+        # What the launcher normalised its views with (`set_input_normalization`); None: views are
+        # raw pixels in [0, 1] (standalone use). Objectives whose targets are pixel statistics (MPP's
+        # colour bins) un-normalise with it.
+        self.input_mean: tuple[float, ...] | None = None
+        self.input_std: tuple[float, ...] | None = None
+
+    def set_input_normalization(self, mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
+        """Called once by the launcher: its views are `(pixels - mean) / std` per channel."""
+        self.input_mean = None if mean is None else tuple(float(m) for m in mean)
+        self.input_std = None if std is None else tuple(float(s) for s in std)
+
+    def collapse_loss(self) -> float | None:
+        """The loss value of a collapsed run (DINO-family: ln K, a uniform output), or None when the
+        objective has no such level. The launcher warns when the loss stays near it."""
+        return None
+
+    def reconstruct(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Objectives with `can_reconstruct`: images (B, C, H, W) -> (masked input, reconstruction
+        (B, C, H, W), mask (B, h, w))."""
+        raise NotImplementedError(f"{type(self).__name__} does not reconstruct images")
 
     @classmethod
     def compatible(cls, backbone: nn.Module) -> bool:
