@@ -52,7 +52,7 @@ def make_batch(batch: int) -> torch.Tensor:
 
 def build_ours(batch: int):
     import ssl_vit
-    from launch.loop import make_adamw
+    from launch.build import make_adamw
     from objectives import Dino
     from objectives.views import IMAGENET_MEAN, IMAGENET_STD, make_views
 

@@ -45,7 +45,7 @@ def make_batch(batch: int) -> torch.Tensor:
 
 def build_ours(batch: int):
     import ssl_vit
-    from launch.loop import make_adamw
+    from launch.build import make_adamw
     from objectives import MAE, make_views
     from ssl_vit import ViewSpec
 

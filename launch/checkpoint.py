@@ -1,19 +1,21 @@
-"""Checkpoints: everything needed to continue a run bit for bit, written atomically, loaded without pickle.
+"""Checkpoints: everything needed to continue a run bit for bit, written atomically, verified on every load,
+read without pickle.
 
 A checkpoint is a folder `<out>/checkpoints/step_XXXXXXX/`:
 - `objective.safetensors`: the objective's state dict (backbone, heads, teacher, centres, buffers);
 - `optimizer.pt`, `scaler.pt`: state dicts, read back with `torch.load(..., weights_only=True)`;
 - `rng.pt`: the RNG states (torch, CUDA, numpy, Python) of every process, gathered on rank 0;
-- `state.json`: step, data position (batches consumed per process), schedule, names, world size;
-- `config.yaml`: the resolved config.
-It is written to `.tmp-step_XXXXXXX` and renamed; `checkpoints/latest` (a one-line file, itself
-replaced atomically) names the newest one, so a crash never leaves a half-written "latest".
+- `state.json`: step, run id, data position (batches consumed per process), schedule, names, world size;
+- `config.yaml`: the resolved config;
+- `checksums.json`: sha256 and size of each file above, written last (`ssl_vit.files`).
+It is written under a temporary name and renamed (`ssl_vit.files.atomic_dir`); `checkpoints/latest` (a
+one-line file, replaced atomically) names the newest one. A checkpoint holding a non-finite tensor is never
+written. Pruning keeps the newest `keep` checkpoints of the same run (by run id and step number).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from collections.abc import Mapping
@@ -22,13 +24,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ssl_vit import CorruptCheckpoint
+from ssl_vit.files import MANIFEST, atomic_dir, atomic_write_text, remove_stale_temps, verify_manifest, write_manifest
+
 from .config import dump
-from .errors import LaunchError
+from .errors import DivergedError, LaunchError
 from .export_backbone import state_for_safetensors
 
 LATEST = "latest"
+OBJECTIVE_FILE = "objective.safetensors"
 
 
 # ---- RNG states as plain tensors (so torch.load(weights_only=True) reads them) ----------------
@@ -63,98 +70,130 @@ def checkpoint_root(out_dir: str | Path) -> Path:
     return Path(out_dir) / "checkpoints"
 
 
-def latest(out_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of an output folder, or None."""
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name.split("_", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def step_folders(out_dir: str | Path) -> list[Path]:
+    """Every `step_*` folder of an output folder, newest (highest step) first."""
     root = checkpoint_root(out_dir)
-    pointer = root / LATEST
+    found = [p for p in root.glob("step_*") if p.is_dir() and _step_of(p) >= 0] if root.is_dir() else []
+    return sorted(found, key=_step_of, reverse=True)
+
+
+def newest_intact(out_dir: str | Path, below: Path | None = None) -> Path | None:
+    """The newest checkpoint whose checksums verify (older than `below` when given), or None."""
+    for path in step_folders(out_dir):
+        if below is not None and _step_of(path) >= _step_of(below):
+            continue
+        try:
+            verify_manifest(path)
+        except CorruptCheckpoint:
+            continue
+        return path
+    return None
+
+
+def latest(out_dir: str | Path) -> Path | None:
+    """The checkpoint `checkpoints/latest` names (not verified), or None."""
+    pointer = checkpoint_root(out_dir) / LATEST
     if pointer.is_file():
-        path = root / pointer.read_text().strip()
-        if (path / "state.json").is_file():
+        name = pointer.read_text().strip()
+        path = checkpoint_root(out_dir) / name
+        if name.startswith("step_") and path.is_dir():
             return path
     return None
 
 
+def verified(path: Path, out_dir: Path | None = None) -> Path:
+    """`path` if its checksums verify; else CorruptCheckpoint naming the damaged file and, where there is one,
+    the newest intact checkpoint to resume from instead."""
+    try:
+        verify_manifest(path)
+    except CorruptCheckpoint as err:
+        older = newest_intact(out_dir if out_dir is not None else path.parent.parent, below=path)
+        hint = f"; the newest intact checkpoint is {older}: resume it with --resume {older}" if older else \
+            "; no intact checkpoint is left"
+        raise CorruptCheckpoint(f"{err}{hint}") from None
+    return path
+
+
+def find_checkpoint(target: str | Path) -> Path | None:
+    """A checkpoint folder, or the latest checkpoint of a run folder (the newest intact one when the
+    `latest` pointer is missing); None when `target` holds none. Not verified."""
+    path = Path(target)
+    if is_checkpoint(path):
+        return path
+    found = latest(path)
+    if found is None and step_folders(path):
+        found = newest_intact(path) or step_folders(path)[0]
+    return found
+
+
 def resolve_resume(target: str, out_dir: str | Path) -> Path:
     """`--resume` (target "latest": the newest in --out) or `--resume PATH` (a checkpoint folder or an
-    output folder) -> the checkpoint folder; LaunchError when it is not a checkpoint."""
-    if target == LATEST:
-        found = latest(out_dir)
-        if found is None:
+    output folder) -> the verified checkpoint folder; LaunchError / CorruptCheckpoint otherwise."""
+    where = Path(out_dir) if target == LATEST else Path(target)
+    found = find_checkpoint(where)
+    if found is None:
+        if target == LATEST:
             raise LaunchError(f"--resume: no checkpoint in {checkpoint_root(out_dir)} "
                               "(give a checkpoint path, or drop --resume to start a new run)")
-        return found
-    path = Path(target)
-    if (path / "state.json").is_file() and (path / "objective.safetensors").is_file():
-        return path
-    found = latest(path) if path.is_dir() else None
-    if found is not None:
-        return found
-    raise LaunchError(f"--resume {target} is not a checkpoint (a folder with state.json and "
-                      "objective.safetensors, or an output folder with checkpoints/latest)")
+        raise LaunchError(f"--resume {target} is not a checkpoint (a folder with objective.safetensors, or an "
+                          "output folder with checkpoints/)")
+    return verified(found, found.parent.parent)
 
 
 def read_state(path: Path) -> dict[str, Any]:
     try:
-        return json.loads((path / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise LaunchError(f"checkpoint {path} has an unreadable state.json: {err}") from None
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptCheckpoint(f"checkpoint {path} has an unreadable state.json: {err}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CorruptCheckpoint(f"checkpoint {path}: state.json holds no step")
+    return state
 
 
-def check_compatible(state: Mapping[str, Any], cfg: Mapping[str, Any], path: Path) -> None:
-    """LaunchError when a checkpoint belongs to another backbone or objective."""
-    for key, what in (("backbone", "backbone"), ("objective", "objective")):
-        if state.get(key) != cfg.get(key):
-            raise LaunchError(f"--resume {path} belongs to {what} '{state.get(key)}', not '{cfg.get(key)}'")
-    if (state.get("backbone_args") or {}) != (cfg.get("backbone_args") or {}):
+def check_compatible(state: Mapping[str, Any], cfg: Any, backbone: str, path: Path) -> None:
+    """LaunchError when a checkpoint belongs to another backbone, objective or schedule."""
+    for key, now in (("backbone", backbone), ("objective", cfg.objective)):
+        if state.get(key) != now:
+            raise LaunchError(f"--resume {path} belongs to {key} '{state.get(key)}', not '{now}'")
+    if (state.get("backbone_args") or {}) != cfg.backbone_args:
         raise LaunchError(f"--resume {path} was trained with backbone_args {state.get('backbone_args')}, "
-                          f"not {cfg.get('backbone_args')}")
+                          f"not {cfg.backbone_args}")
+    if state.get("total_steps") != cfg.train.steps:
+        raise LaunchError(f"--resume {path}: that run schedules {state.get('total_steps')} steps, this one "
+                          f"{cfg.train.steps}; pass --steps {state.get('total_steps')}")
 
 
-# ---- writing and reading ------------------------------------------------------------------------
-def save(out_dir: str | Path, *, step: int, objective: torch.nn.Module | Mapping[str, torch.Tensor], optimizer,
-         scaler, rng_states: list, state: dict[str, Any], config: Mapping[str, Any], keep: int = 2) -> Path:
-    """Write `checkpoints/step_<step>` atomically and point `latest` at it (main process only).
-
-    objective: the module, or its full state dict (gathered under FSDP / DeepSpeed); optimizer None:
-    not saved (sharded optimizers; such a checkpoint cannot be resumed)."""
-    root = checkpoint_root(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:07d}"
-    final, tmp = root / name, root / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    if isinstance(objective, torch.nn.Module):
-        tensors = state_for_safetensors(objective)
-    else:
-        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in objective.items()}
-    save_file(tensors, str(tmp / "objective.safetensors"))
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    if scaler is not None:
-        torch.save(scaler.state_dict(), tmp / "scaler.pt")
-    torch.save({f"rank_{i}": s for i, s in enumerate(rng_states)}, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
-    dump(config, tmp / "config.yaml")
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    pointer_tmp = root / f".{LATEST}.tmp"
-    pointer_tmp.write_text(name + "\n")
-    os.replace(pointer_tmp, root / LATEST)
-    if keep and keep > 0:
-        old = sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]
-        for path in old:
-            shutil.rmtree(path, ignore_errors=True)
-    return final
+def clean_temporaries(out_dir: str | Path) -> list[Path]:
+    """Remove what interrupted checkpoint and export writes left behind (main process, at start)."""
+    removed = []
+    for folder in (Path(out_dir), checkpoint_root(out_dir)):
+        if folder.is_dir():
+            removed += remove_stale_temps(folder)
+            removed += [p for p in folder.glob(".tmp-step_*")]  # the layout of earlier versions
+    for p in removed:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+    return removed
 
 
-def load(path: Path, *, objective: torch.nn.Module, optimizer, scaler, rank: int) -> dict[str, Any]:
-    """Restore a checkpoint into the (unwrapped) objective, optimizer, scaler and this process's RNG."""
-    state = read_state(path)
+def is_checkpoint(path: Path) -> bool:
+    """A checkpoint folder (what `checkpoint.save` writes), as opposed to a run or export folder."""
+    return path.is_dir() and any((path / name).is_file() for name in (OBJECTIVE_FILE, "state.json", MANIFEST))
+
+
+def load_objective_weights(objective: torch.nn.Module, path: Path) -> None:
+    """Load `path/objective.safetensors` into the objective, strictly; LaunchError when it does not fit."""
     try:
-        weights = load_file(str(path / "objective.safetensors"))
-    except Exception as err:
-        raise LaunchError(f"checkpoint {path}: cannot read objective.safetensors: {err}") from None
+        weights = load_file(str(path / OBJECTIVE_FILE))
+    except (OSError, SafetensorError) as err:
+        raise CorruptCheckpoint(f"checkpoint {path}: cannot read {OBJECTIVE_FILE}: {err}") from None
     try:
         missing, unexpected = objective.load_state_dict(weights, strict=False)
     except RuntimeError as err:  # shape mismatch: another preset or other constructor arguments
@@ -163,16 +202,93 @@ def load(path: Path, *, objective: torch.nn.Module, optimizer, scaler, rank: int
     if missing or unexpected:
         raise LaunchError(f"checkpoint {path} does not fit this model: missing {sorted(missing)[:3]}, "
                           f"unexpected {sorted(unexpected)[:3]}")
+
+
+
+# ---- writing and reading ------------------------------------------------------------------------
+def non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of floating tensors holding NaN or inf."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def save(out_dir: str | Path, *, step: int, objective: torch.nn.Module | Mapping[str, torch.Tensor], optimizer,
+         scaler, rng_states: list, state: dict[str, Any], config: Mapping[str, Any], keep: int = 2) -> Path:
+    """Write `checkpoints/step_<step>` atomically with its checksums, point `latest` at it and prune (main
+    process only). DivergedError, with nothing written, when a weight is not finite.
+
+    objective: the module, or its full state dict (gathered under FSDP / DeepSpeed); optimizer None:
+    not saved (sharded optimizers; such a checkpoint cannot be resumed). `state["run_id"]` names the run:
+    pruning only ever removes older checkpoints of the same run."""
+    root = checkpoint_root(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:07d}"
+    if isinstance(objective, torch.nn.Module):
+        tensors = state_for_safetensors(objective)
+    else:
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in objective.items()}
+    bad = non_finite(tensors)
+    if bad:
+        raise DivergedError(f"step {step}: {len(bad)} weights are not finite (first: {bad[0]}); no checkpoint "
+                            "written, the last good one is kept")
+    with atomic_dir(root / name) as tmp:
+        save_file(tensors, str(tmp / "objective.safetensors"))
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if scaler is not None:
+            torch.save(scaler.state_dict(), tmp / "scaler.pt")
+        torch.save({f"rank_{i}": s for i, s in enumerate(rng_states)}, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
+        dump(config, tmp / "config.yaml")
+        write_manifest(tmp)
+    atomic_write_text(root / LATEST, name + "\n")
+    prune(out_dir, run_id=state.get("run_id"), keep=keep)
+    return root / name
+
+
+def prune(out_dir: str | Path, *, run_id: str | None, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints (by step) of run `run_id`; other runs' are kept."""
+    mine = []
+    for path in step_folders(out_dir):
+        try:
+            if json.loads((path / "state.json").read_text()).get("run_id") == run_id:
+                mine.append(path)
+        except (OSError, ValueError):
+            continue  # unreadable: not provably ours, so never deleted here
+    for path in mine[keep:]:
+        shutil.rmtree(path, ignore_errors=True)
+    return mine[keep:]
+
+
+def _load_pt(path: Path, name: str) -> Any:
+    try:
+        return torch.load(path / name, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated or foreign: one line, never a traceback from torch's unpickler
+        raise CorruptCheckpoint(f"checkpoint {path}: cannot read {name}: {str(err).splitlines()[0]}") from None
+
+
+def load(path: Path, *, objective: torch.nn.Module, optimizer, scaler, rank: int) -> dict[str, Any]:
+    """Restore a verified checkpoint into the (unwrapped) objective, optimizer, scaler and this process's RNG."""
+    state = read_state(path)
+    load_objective_weights(objective, path)
     if not (path / "optimizer.pt").is_file():
         raise LaunchError(f"checkpoint {path} holds no optimizer state (written under FSDP or DeepSpeed); "
                           "exact resume is supported for DDP runs")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    optimizer.load_state_dict(_load_pt(path, "optimizer.pt"))
     if scaler is not None and (path / "scaler.pt").is_file():
-        scaler.load_state_dict(torch.load(path / "scaler.pt", map_location="cpu", weights_only=True))
-    rngs = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
+        scaler.load_state_dict(_load_pt(path, "scaler.pt"))
+    rngs = _load_pt(path, "rng.pt")
     key = f"rank_{rank}"
     if key not in rngs:
         raise LaunchError(f"checkpoint {path} was written by {len(rngs)} processes; rank {rank} has no RNG state "
                           "(resume with the same number of processes)")
     set_rng_state(rngs[key])
     return state
+
+
+def remove_run(out_dir: str | Path) -> None:
+    """`--overwrite`: delete the checkpoints, export and logs another run left in `out_dir`."""
+    out = Path(out_dir)
+    for name in ("checkpoints", "export", "tensorboard", "visualize"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for name in ("metrics.jsonl", "config.yaml"):
+        (out / name).unlink(missing_ok=True)

@@ -1,10 +1,11 @@
 """`pretrain.py`: the command line of the launcher.
 
     accelerate launch pretrain.py --objective NAME --backbone NAME [--data SHARDS] [--val-data SHARDS]
-        [--config FILE] [--set key=value ...] [--out DIR] [--steps N] [--resume [PATH]]
+        [--config FILE] [--set key=value ...] [--out DIR] [--steps N] [--resume [PATH] | --overwrite]
 
 `python pretrain.py ...` runs the same in one process. Bad input (names, pairs, config, data,
-resume target) ends with one line on stderr and exit status 2, before anything is written.
+resume target, a damaged checkpoint) ends with one line on stderr and exit status 2, before anything is
+written; a run that diverges stops with one line and exit status 3, its last good checkpoint intact.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import argparse
 import os
 import sys
 import textwrap
+
+from ssl_vit.errors import SslVitError
 
 from .errors import LaunchError
 
@@ -64,6 +67,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="optimizer steps of the schedule (train.steps)")
     p.add_argument("--resume", nargs="?", const="latest", metavar="PATH",
                    help="continue from the latest checkpoint of --out, or from PATH (a checkpoint or output folder)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds another run (its checkpoints, export and logs are deleted)")
     return p
 
 
@@ -73,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser().parse_args(argv)
         from . import config
-        from .loop import plan, train
+        from .loop import train
+        from .plan import plan
 
         cli: dict = {}
         if args.data is not None:
@@ -90,9 +96,11 @@ def main(argv: list[str] | None = None) -> int:
             # data given through --config / --set: no demo profile after all
             cfg, sources = config.resolve(args.objective, args.backbone, config_file=args.config, sets=args.set,
                                           cli=cli, profile_hint=None)
-        run = plan(cfg, args.resume)
-        train(run)
+        train(plan(config.parse(cfg), args.resume, overwrite=args.overwrite))
     except LaunchError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
+    except SslVitError as err:  # a damaged checkpoint (CorruptCheckpoint), a bad input tensor, ...
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:

@@ -10,9 +10,12 @@ with `yaml.safe_load` only.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
+import math
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -226,3 +229,195 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+# ---- the typed config: parsed once, validated, read as attributes ---------------------------------
+@dataclass(frozen=True)
+class Check:
+    """What one key accepts: `kind` (int, float, bool, str, "list", "mapping"), nullable, an inclusive `min`,
+    an exclusive `gt`, `choices`, `length` for lists, `max`."""
+
+    kind: Any
+    nullable: bool = False
+    min: float | None = None
+    gt: float | None = None
+    max: float | None = None
+    choices: tuple | None = None
+    length: int | None = None
+
+    def allowed(self) -> str:
+        kinds = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+                 "list": "a list of numbers", "mapping": "a mapping"}
+        words = [kinds[self.kind]]
+        if self.choices:
+            words = [" | ".join(map(str, self.choices))]
+        if self.length:
+            words = [f"a list of {self.length} numbers"]
+        if self.min is not None:
+            words.append(f">= {self.min:g}")
+        if self.gt is not None:
+            words.append(f"> {self.gt:g}")
+        if self.max is not None:
+            words.append(f"<= {self.max:g}")
+        if self.nullable:
+            words.append("or null")
+        return " ".join(words)
+
+
+def key(kind: Any, **limits: Any) -> Any:
+    """A dataclass field whose metadata is the key's Check (no default: every value comes from the YAML)."""
+    return field(metadata={"check": Check(kind, **limits)})
+
+
+def _convert(value: Any, check: Check, name: str) -> Any:
+    def bad() -> LaunchError:
+        return LaunchError(f"config key '{name}' = {value!r} is not allowed: expected {check.allowed()}")
+
+    if value is None:
+        if check.nullable:
+            return None
+        raise bad()
+    if check.kind is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if check.kind in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        if check.kind is int and not float(value).is_integer():
+            raise bad()
+        value = check.kind(value)
+        if not math.isfinite(value):
+            raise bad()
+    elif check.kind is str:
+        if not isinstance(value, str):
+            raise bad()
+    elif check.kind == "list":
+        if not isinstance(value, (list, tuple)) or (check.length and len(value) != check.length) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+            raise bad()
+        items = tuple(float(v) for v in value)
+        lo_ok = all((check.min is None or v >= check.min) and (check.gt is None or v > check.gt)
+                    and (check.max is None or v <= check.max) for v in items)
+        if not lo_ok:
+            raise bad()
+        return items
+    elif check.kind == "mapping":
+        if not isinstance(value, Mapping):
+            raise bad()
+        return dict(value)
+    if check.choices is not None and value not in check.choices:
+        raise bad()
+    if (check.min is not None and value < check.min) or (check.gt is not None and value <= check.gt) or (
+            check.max is not None and value > check.max):
+        raise bad()
+    return value
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str | None = key(str, nullable=True)
+    val: str | None = key(str, nullable=True)
+    image_size: int = key(int, min=1)
+    frames: int | None = key(int, min=1, nullable=True)
+    frame_stride: int = key(int, min=1)
+    view_size: int | None = key(int, min=1, nullable=True)
+    batch_size: int = key(int, min=1)
+    num_workers: int = key(int, min=0)
+    shuffle_buffer: int = key(int, min=0)
+    resampled: bool = key(bool)
+    mean: tuple[float, float, float] = key("list", length=3)
+    std: tuple[float, float, float] = key("list", length=3, gt=0)
+    cache: str | None = key(str, nullable=True)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = key(float, gt=0)
+    lr_scaling: str = key(str, choices=("linear", "sqrt", "none"))
+    base_batch: int = key(int, min=1)
+    min_lr: float = key(float, min=0)
+    warmup: float = key(float, min=0)
+    weight_decay: float = key(float, min=0)
+    weight_decay_end: float = key(float, min=0)
+    betas: tuple[float, float] = key("list", length=2, min=0, max=0.999999)
+    eps: float = key(float, gt=0)
+    clip_grad: float | None = key(float, min=0, nullable=True)
+    clip_mode: str = key(str, choices=("global", "per_param"))
+    grad_accum: int = key(int, min=1)
+    fused: bool = key(bool)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = key(int, min=1)
+    stop_at: int | None = key(int, min=1, nullable=True)
+    seed: int = key(int, min=0)
+    max_bad_steps: int = key(int, min=1)
+    mixed_precision: str = key(str, choices=("auto", "no", "fp16", "bf16"))
+    compile: bool = key(bool)
+    find_unused_parameters: bool = key(bool)
+    checkpoint_every: int = key(int, min=1)
+    keep_checkpoints: int = key(int, min=1)
+    log_every: int = key(int, min=1)
+    val_every: int = key(int, min=1)
+    val_batches: int = key(int, min=0)
+    knn_every: int = key(int, min=0)
+    knn_batches: int = key(int, min=1)
+    image_every: int = key(int, min=0)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A resolved, validated run config: `cfg.data.batch_size`, `cfg.optim.lr`, ... (every key of
+    configs/defaults.yaml, typed). `as_dict()` gives the plain tree that config.yaml holds."""
+
+    objective: str = key(str)
+    backbone: str = key(str)
+    backbone_size: str | None = key(str, choices=("tiny", "none"), nullable=True)
+    backbone_args: dict = key("mapping")
+    objective_args: dict = key("mapping")
+    out: str | None = key(str, nullable=True)
+    profile: str = key(str)
+    data: DataConfig = field(metadata={"section": DataConfig})
+    optim: OptimConfig = field(metadata={"section": OptimConfig})
+    train: TrainConfig = field(metadata={"section": TrainConfig})
+
+    def as_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with top-level keys or `section={key: value}` changes, validated again."""
+        tree = self.as_dict()
+        for k, v in changes.items():
+            tree[k] = {**tree[k], **v} if isinstance(tree.get(k), dict) and k not in FREE_KEYS else v
+        return parse(tree)
+
+
+def _build(cls: type, tree: Mapping[str, Any], prefix: str) -> Any:
+    values = {}
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        if f.name not in tree:
+            raise LaunchError(f"config key '{name}' is missing (configs/defaults.yaml lists every key)")
+        section = f.metadata.get("section")
+        if section is not None:
+            if not isinstance(tree[f.name], Mapping):
+                raise LaunchError(f"config key '{name}' must be a mapping, got {tree[f.name]!r}")
+            values[f.name] = _build(section, tree[f.name], name + ".")
+        else:
+            values[f.name] = _convert(tree[f.name], f.metadata["check"], name)
+    return cls(**values)
+
+
+def parse(tree: Mapping[str, Any]) -> RunConfig:
+    """Validate a resolved config tree (types, ranges, choices of every key) into a RunConfig; LaunchError
+    naming the key, the value and what is allowed. --objective and --backbone are required."""
+    if not tree.get("objective"):
+        raise LaunchError("--objective is required; python pretrain.py --help lists the objectives")
+    if not tree.get("backbone"):
+        raise LaunchError("--backbone is required; python pretrain.py --help lists the backbones")
+    cfg = _build(RunConfig, tree, "")
+    if cfg.train.stop_at is not None and cfg.train.stop_at > cfg.train.steps:
+        raise LaunchError(f"config key 'train.stop_at' = {cfg.train.stop_at} is past train.steps = {cfg.train.steps}")
+    return cfg

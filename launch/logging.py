@@ -11,8 +11,13 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
+
+from ssl_vit.files import atomic_write_text
+
+METRICS = "metrics.jsonl"
 
 
 class RunLogger:
@@ -29,12 +34,13 @@ class RunLogger:
         out_dir = Path(out_dir)
         self._bar_args = dict(total=total, initial=initial, desc="pretrain", unit="step", dynamic_ncols=True,
                               file=sys.stderr, mininterval=1.0)
-        self.jsonl = open(out_dir / "metrics.jsonl", "a", buffering=1)
+        self.jsonl = open(out_dir / METRICS, "a", buffering=1)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+                # purge_step: a resumed run drops the events a crashed run logged past its checkpoint
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=initial + 1 if initial else None)
             except Exception as err:  # TensorBoard missing or broken: JSONL still has every scalar
                 print(f"TensorBoard logging off: {err}", file=sys.stderr)
 
@@ -72,3 +78,49 @@ class RunLogger:
             self.tb.close()
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+def truncate_metrics(out_dir: str | Path, step: int) -> int:
+    """Drop the records of `metrics.jsonl` past `step` (a resumed run logs them again); returns how many.
+    Unreadable lines (a crash mid-write) are dropped too."""
+    path = Path(out_dir) / METRICS
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+            ok = int(record["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if ok:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+    return dropped
+
+
+def summary_lines(trainer: Any) -> list[str]:
+    """The start-up summary: what trains on what, the batch and learning-rate arithmetic, the steps."""
+    cfg, plan, acc = trainer.cfg, trainer.plan, trainer.accelerator
+    d, o = cfg.data, cfg.optim
+    preset = (f" (the {cfg.backbone_size} preset of {plan.requested_backbone}: {cfg.profile} profile)"
+              if plan.requested_backbone and plan.backbone_name != plan.requested_backbone else "")
+    frames = trainer.frames
+    views = ", ".join(f"{s.count}x{f'{s.frames or frames}x' if frames else ''}{s.size[0]}x{s.size[1]} {s.name}"
+                      for s in trainer.specs)
+    params = sum(p.numel() for p in trainer.backbone.parameters()) / 1e6
+    return [
+        f"objective {cfg.objective} on backbone {plan.backbone_name}{preset}, {params:.2f}M backbone parameters",
+        f"data {d.train} ({len(plan.train_urls)} shards), canvas {d.image_size} px"
+        + (f", clips of {frames} frames {d.frame_stride} apart" if frames else "") + f", views {views}",
+        f"processes {trainer.world}, batch {d.batch_size} per process x {o.grad_accum} accumulation = global batch "
+        f"{trainer.global_batch}",
+        f"lr {o.lr} x ({trainer.global_batch}/{o.base_batch}) [{o.lr_scaling}] = {trainer.peak_lr:.3g}, warm-up "
+        f"{trainer.warmup} steps, cosine to {o.min_lr}; weight decay {o.weight_decay} -> {o.weight_decay_end}; "
+        f"clipping {o.clip_grad or 'off'} ({o.clip_mode})",
+        f"steps {trainer.start} -> {trainer.stop} of {trainer.total}, mixed precision {acc.mixed_precision}, device "
+        f"{acc.device}, out {plan.out}" + (f", resumed from {plan.resume}" if plan.resume else ""),
+    ]

@@ -114,7 +114,7 @@ def _loaders(args: argparse.Namespace, accelerator, size: int):
 
 def _input_size(model: nn.Module, requested: int | None) -> int:
     size = requested or int(model.default_size[-1])
-    m = getattr(model, "size_multiple", 1)
+    m = model.size_multiple
     if size % m:
         raise LaunchError(f"--image-size {size} is not a multiple of the backbone's size_multiple {m}")
     return size

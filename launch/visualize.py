@@ -131,7 +131,7 @@ def attention_figure(backbone: nn.Module, images: torch.Tensor, prepare: Callabl
 def reconstruction_figure(objective: nn.Module, images: torch.Tensor, prepare: Callable[[torch.Tensor], torch.Tensor],
                           mean: Sequence[float], std: Sequence[float]) -> Image.Image:
     """Rows of: original, masked input, reconstruction (objectives with `reconstruct`: MAE, SimMIM)."""
-    if not hasattr(objective, "reconstruct"):
+    if not objective.can_reconstruct:
         raise LaunchError(f"objective {type(objective).__name__} has no reconstruct(); only MAE/SimMIM runs have "
                           "reconstructions")
     was_training = objective.training
@@ -226,22 +226,21 @@ def log_images(writer, step: int, *, backbone: nn.Module, images: torch.Tensor,
         figures["attention"] = attention_figure(backbone, images, prepare)
     except LaunchError:
         pass
-    if objective is not None and hasattr(objective, "reconstruct"):
+    if objective is not None and objective.can_reconstruct:
         figures["reconstruction"] = reconstruction_figure(objective, images, prepare, mean, std)
     for tag, fig in figures.items():
         writer.add_image(f"images/{tag}", np.asarray(fig), step, dataformats="HWC")
 
 
 # ---- the command ----------------------------------------------------------------------------------
-def _sample_images(spec: str | None, cfg: dict, size: int, count: int, cache: str | None) -> torch.Tensor:
+def _sample_images(spec: str | None, size: int, count: int, cache: str | None) -> torch.Tensor:
+    """`count` images from shards given on the command line, else from the embedded digits. Shard specs
+    stored in a run folder are never used: they could be `pipe:` commands someone else wrote."""
     from .data import ShardStream, expand_shards
 
-    data = cfg.get("data") or {}
-    if spec is None:
-        spec = data.get("val") or data.get("train")
     if spec is None:
         from .digits import digits_shards
-        spec = digits_shards(cache or data.get("cache"))[1]
+        spec = digits_shards(cache)[1]
     stream = ShardStream(expand_shards(spec), batch_size=count, image_size=size, infinite=False)
     batch = next(iter(stream), None)
     if batch is None:
@@ -254,17 +253,17 @@ def _run_parts(run_dir: Path) -> tuple[Path | None, Path | None, Path | None]:
     from . import checkpoint as ckpt
 
     export = next((p for p in (run_dir / "export", run_dir) if (p / "backbone.json").is_file()), None)
-    checkpoint = ckpt.latest(run_dir) if (run_dir / "checkpoints").is_dir() else None
-    if checkpoint is None and (run_dir / "state.json").is_file():
-        checkpoint = run_dir
+    checkpoint = ckpt.find_checkpoint(run_dir)
     metrics = run_dir / "metrics.jsonl"
     return export, checkpoint, metrics if metrics.is_file() else None
 
 
 def visualize_run(run_dir: str | Path, out_dir: str | Path | None = None, *, images: int = 6,
                   data: str | None = None, cache: str | None = None) -> list[Path]:
-    """Write the figures of a run; returns the PNG paths written."""
-    from .config import read_yaml
+    """Write the figures of a run; returns the PNG paths written. Checksums are verified before weights
+    are read; sample images come from `data` (or the embedded digits), never from the run's own config."""
+    from . import checkpoint as ckpt
+    from .build import restore
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -272,40 +271,35 @@ def visualize_run(run_dir: str | Path, out_dir: str | Path | None = None, *, ima
     export, checkpoint, metrics = _run_parts(run_dir)
     if export is None and checkpoint is None and metrics is None:
         raise LaunchError(f"{run_dir} holds no export, checkpoint or metrics.jsonl: is it a run folder?")
+    objective = backbone = None
+    mean, std, size = IMAGENET_MEAN, IMAGENET_STD, None
+    if checkpoint is not None:
+        run = restore(ckpt.verified(checkpoint))
+        objective, backbone = run.objective, run.objective.export_backbone()
+        mean, std, size = run.cfg.data.mean, run.cfg.data.std, run.cfg.data.view_size
+    elif export is not None:
+        backbone = ssl_vit.load_backbone(export)
+        data_cfg = (backbone.export_meta.get("config") or {}).get("data") or {}
+        mean, std, size = data_cfg.get("mean", mean), data_cfg.get("std", std), data_cfg.get("view_size")
     out = Path(out_dir) if out_dir else run_dir / "visualize"
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     if metrics is not None:
         curves_figure(read_metrics(metrics)).save(out / "curves.png")
         written.append(out / "curves.png")
-    cfg: dict = {}
-    objective = backbone = None
-    if checkpoint is not None:
-        from safetensors.torch import load_file
-
-        from .loop import build_objective
-        cfg = read_yaml(checkpoint / "config.yaml")
-        backbone, objective = build_objective(cfg)
-        objective.load_state_dict(load_file(str(checkpoint / "objective.safetensors")))
-        backbone = objective.export_backbone()
-    elif export is not None:
-        backbone = ssl_vit.load_backbone(export)
-        cfg = (backbone.export_meta.get("config") or {})
     if backbone is not None:
         backbone.eval()
-        data_cfg = cfg.get("data") or {}
-        mean, std = data_cfg.get("mean", IMAGENET_MEAN), data_cfg.get("std", IMAGENET_STD)
-        size = int(data_cfg.get("view_size") or backbone.default_size[-1])
+        size = int(size or backbone.default_size[-1])
         if size % backbone.size_multiple:
             size = int(backbone.default_size[-1])
-        sample = _sample_images(data, cfg, size, images, cache)
+        sample = _sample_images(data, size, images, cache)
         prepare = normalizer(mean, std, size)
         try:
             attention_figure(backbone, sample, prepare).save(out / "attention.png")
             written.append(out / "attention.png")
         except LaunchError as err:
             print(f"attention maps skipped: {err}", file=sys.stderr)
-        if objective is not None and hasattr(objective, "reconstruct"):
+        if objective is not None and objective.can_reconstruct:
             reconstruction_figure(objective, sample, prepare, mean, std).save(out / "reconstruction.png")
             written.append(out / "reconstruction.png")
     return written
@@ -316,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", help="a run's output folder (export/, checkpoints/, metrics.jsonl)")
     p.add_argument("--out", help="where the PNG files go (default: RUN_DIR/visualize)")
     p.add_argument("--images", type=int, default=6, help="sample images per figure")
-    p.add_argument("--data", help="shards to take the sample images from (default: the run's validation data)")
+    p.add_argument("--data", help="shards to take the sample images from (default: the embedded digits; the "
+                                  "run's own data specs are never opened, they may hold pipe: commands)")
     p.add_argument("--cache", help="where the embedded digits shards are built")
     args = p.parse_args(argv)
     if args.images < 1:

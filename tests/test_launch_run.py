@@ -192,7 +192,7 @@ def test_fsdp_without_gpus_is_one_line(common, tmp_path, monkeypatch, capsys):
 
 def test_fused_adamw_takes_the_same_steps_as_the_loop():
     """optim.fused picks torch's fused AdamW on CPU; its updates equal the per-tensor loop's."""
-    from launch.loop import make_adamw
+    from launch.build import make_adamw
 
     torch.manual_seed(0)
     weights = [torch.randn(5, 3, requires_grad=True), torch.randn(3, requires_grad=True)]

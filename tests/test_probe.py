@@ -105,20 +105,14 @@ def run_dir(tmp_path_factory):
 
 
 def test_export_from_run_matches_training_backbone(run_dir):
-    from safetensors.torch import load_file
-
     from launch import checkpoint as ckpt
-    from launch.config import read_yaml
-    from launch.loop import build_objective
+    from launch.build import restore
 
     tmp = run_dir.parent
     _run(["export.py", str(run_dir), str(tmp / "exp")], tmp)
     meta = json.loads((tmp / "exp" / "backbone.json").read_text())
     assert meta["objective"] == "mae" and meta["step"] == 60
-    latest = ckpt.latest(run_dir)
-    _, objective = build_objective(read_yaml(latest / "config.yaml"))
-    objective.load_state_dict(load_file(str(latest / "objective.safetensors")))
-    trained = objective.export_backbone().eval()
+    trained = restore(ckpt.latest(run_dir)).objective.export_backbone().eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         for folder in (tmp / "exp", run_dir / "export"):  # export.py and the launcher's own export
