@@ -22,7 +22,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ssl_vit import BackboneOutput, TokenBackbone, register_presets
+from ssl_vit import EXTRA_TOKENS, MASK_TOKEN, POS_FREE, TOKEN_DROP, BackboneOutput, TokenBackbone, register_presets
 from ssl_vit.layers import Attention, DropPath, Mlp, attend, drop_path_rates
 from ssl_vit.masking import gather_tokens
 
@@ -116,8 +116,12 @@ class ATSViT(TokenBackbone):
     """ViT with adaptive token sampling (the seed's `vit_pytorch.ats_vit.ViT` keyword arguments).
 
     (B, C, H, W) -> logits (B, num_classes); `max_tokens_per_depth` gives each layer's budget of
-    patch tokens (one entry per layer, non-increasing).
+    patch tokens (one entry per layer, non-increasing). No kv_mask: token sampling reads every
+    attention row.
     """
+
+    capabilities = frozenset({TOKEN_DROP, MASK_TOKEN, EXTRA_TOKENS, POS_FREE})
+    inspection_attributes = frozenset({"last_num_tokens"})
 
     def __init__(
         self,
@@ -151,7 +155,6 @@ class ATSViT(TokenBackbone):
         )
         self.norm = nn.LayerNorm(dim)
         self.last_num_tokens: list[int] = []  # patch tokens entering each layer, for inspection
-        self._last_token_ids: torch.Tensor | None = None
 
     def forward_features(
         self,
@@ -163,6 +166,12 @@ class ATSViT(TokenBackbone):
         use_pos: bool = True,
     ) -> BackboneOutput:
         """x (B, C, H, W) -> BackboneOutput; patch_tokens (B, N, D) (or (B, K, D) for `keep`)."""
+        return self._sample(x, mask=mask, keep=keep, extra_tokens=extra_tokens, use_pos=use_pos)[0]
+
+    def _sample(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+                extra_tokens: torch.Tensor | None = None, use_pos: bool = True
+                ) -> tuple[BackboneOutput, torch.Tensor]:
+        """forward_features and the final kept patch indices (B, M), -1 = padding."""
         self.check_request(x, mask, keep, extra_tokens, use_pos)
         tokens, grid = self.prepare_patches(x, mask=mask, keep=keep, use_pos=use_pos)
         b = tokens.shape[0]
@@ -186,10 +195,10 @@ class ATSViT(TokenBackbone):
                 ids = torch.gather(ids, 1, index)
         final = self._write(final, h[:, r:], ids, valid[:, r:], n)
         self.last_num_tokens = counts
-        self._last_token_ids = ids.masked_fill(~valid[:, r:], -1)
         out = self.norm(torch.cat([h[:, :r], final[:, :n]], dim=1))
         prefix_out, patches = out[:, :r], out[:, r:]
-        return BackboneOutput(patches, prefix_out, prefix_out[:, 0], tuple(grid), keep)
+        return (BackboneOutput(patches, prefix_out, prefix_out[:, 0], tuple(grid), keep),
+                ids.masked_fill(~valid[:, r:], -1))
 
     @staticmethod
     def _write(final: torch.Tensor, tokens: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor,
@@ -200,9 +209,10 @@ class ATSViT(TokenBackbone):
     def forward(self, x: torch.Tensor, return_sampled_token_ids: bool = False):
         """Logits (B, num_classes) (pooled features when num_classes=0); with
         `return_sampled_token_ids` also the final kept patch indices (B, M), -1 = padding."""
-        logits = self.forward_head(self.forward_features(x).pooled)
+        out, token_ids = self._sample(x)
+        logits = self.forward_head(out.pooled)
         if return_sampled_token_ids:
-            return logits, self._last_token_ids
+            return logits, token_ids
         return logits
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ssl_vit import POS_FREE, BackboneOutput, TokenBackbone, register_presets
+from ssl_vit import BackboneOutput, TokenBackbone, register_presets
 from ssl_vit.layers import Attention, Block, DropPath, LayerScale, Mlp
 
 from .deep_vit import HeadMixAttention, block_stack
@@ -100,11 +100,9 @@ class ClassAttentionBackbone(TokenBackbone):
         """x (B, C, H, W) -> BackboneOutput with grid (H/p, W/p) and one class token.
 
         kv_mask (B, h, w) bool, True = the patch is left out of every attention's keys and values
-        (needs `pos_free`).
+        (the `kv_mask` capability).
         """
-        self.check_request(x, mask, keep, extra_tokens, use_pos)
-        if kv_mask is not None:
-            self.require(POS_FREE, "kv_mask")
+        self.check_request(x, mask, keep, extra_tokens, use_pos, kv_mask)
         tokens, grid = self.prepare_patches(x, mask=mask, keep=keep, use_pos=use_pos)
         b = tokens.shape[0]
         visible = None

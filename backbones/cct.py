@@ -13,6 +13,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from ssl_vit import EXTRA_TOKENS, MASK_TOKEN, Backbone, BackboneOutput, register_backbone, register_presets
+from ssl_vit.backbone import make_head
 from ssl_vit.embed import LearnedPosEmbed, SinCosPosEmbed, to_pair
 from ssl_vit.layers import Attention, DropPath, Mlp, drop_path_rates
 from ssl_vit.masking import hide_pixels, replace_masked
@@ -150,7 +151,7 @@ class CCT(Backbone):
         )
         self.norm = nn.LayerNorm(dim)
         self.attention_pool = nn.Linear(dim, 1) if seq_pool else None  # sequence pooling: a score per token
-        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else None
+        self.head = make_head(dim, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 trunc_normal_(m.weight, std=0.02)

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_vit import MASK_TOKEN, POS_FREE, TOKEN_DROP, Backbone, BackboneOutput, register_presets
+from ssl_vit import KV_MASK, MASK_TOKEN, POS_FREE, TOKEN_DROP, Backbone, BackboneOutput, register_presets
+from ssl_vit.backbone import make_head
 from ssl_vit.embed import LearnedPosEmbed, PatchEmbed, to_pair
-from ssl_vit.errors import IncompatibleBackbone
 from ssl_vit.layers import Attention, Transformer
 from ssl_vit.masking import gather_tokens, replace_masked, upsample_mask
 
@@ -110,7 +110,7 @@ class CrossViT(Backbone):
     large cell): token drop (a kept large cell keeps its large token and the small tokens inside
     it; every attention is global, so both branches run on the subset), mask token (both branches'
     tokens of a hidden cell become that branch's mask token) and pos_free (learned additive
-    positions are the only positional signal; `kv_mask` works on both branches). Otherwise small
+    positions are the only positional signal) and kv_mask (on both branches). Otherwise small
     patches straddle cells and only pos_free (use_pos=False) is offered. No extra tokens: the two
     branches have different widths and one class token each.
     """
@@ -152,7 +152,7 @@ class CrossViT(Backbone):
         self.num_prefix_tokens = 1
         self.aligned = lg_patch_size % sm_patch_size == 0
         self.factor = lg_patch_size // sm_patch_size if self.aligned else 0
-        self.capabilities = frozenset({TOKEN_DROP, MASK_TOKEN, POS_FREE} if self.aligned else {POS_FREE})
+        self.capabilities = frozenset({TOKEN_DROP, MASK_TOKEN, POS_FREE, KV_MASK} if self.aligned else {POS_FREE})
         self.sm_dim, self.lg_dim = sm_dim, lg_dim
         self.sm_image_embedder = BranchEmbed(size, sm_patch_size, channels, sm_dim)
         self.lg_image_embedder = BranchEmbed(size, lg_patch_size, channels, lg_dim)
@@ -166,7 +166,7 @@ class CrossViT(Backbone):
         )
         self.sm_norm = nn.LayerNorm(sm_dim)
         self.lg_norm = nn.LayerNorm(lg_dim)
-        self.head = nn.Linear(sm_dim + lg_dim, num_classes) if num_classes > 0 else None
+        self.head = make_head(sm_dim + lg_dim, num_classes)
 
     def small_index(self, keep: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Large-cell indices (B, K) -> the small-patch indices inside them (B, K*f*f), cell by cell."""
@@ -201,14 +201,9 @@ class CrossViT(Backbone):
         """x (B, C, H, W) -> BackboneOutput on the large-patch grid, features sm_dim + lg_dim wide.
 
         kv_mask (B, h, w) bool on the large grid, True = the cell's tokens (both branches) are left
-        out of every attention's keys and values (needs `pos_free` and aligned patch sizes).
+        out of every attention's keys and values (the `kv_mask` capability: aligned patch sizes).
         """
-        grid = self.check_request(x, mask, keep, extra_tokens, use_pos)
-        if kv_mask is not None:
-            self.require(POS_FREE, "kv_mask")
-            if not self.aligned:
-                raise IncompatibleBackbone("CrossViT takes kv_mask only when lg_patch_size is a multiple of "
-                                           "sm_patch_size")
+        grid = self.check_request(x, mask, keep, extra_tokens, use_pos, kv_mask)
         f = self.factor
         sm_mask = None if mask is None else upsample_mask(mask, f)
         sm_keep = None if keep is None else self.small_index(keep, grid)

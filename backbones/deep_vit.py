@@ -9,6 +9,8 @@ else is the plain ViT of `backbones.vit`; the mixing is an `Attention.post_softm
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,10 +27,10 @@ class HeadMix(nn.Module):
     out[:, g] = sum_h t[:, h] * weight[h, g]. With `norm`, the result is layer-normalised over the
     head axis (re-attention). The mixing starts as the identity, so a fresh model is a plain ViT.
 
-    `key_mask` (bool, broadcastable to (B, 1, N, M), True = may attend) is set by
-    `HeadMixAttention` for the duration of one call: masked keys are -inf logits (or 0 weights) in
-    every head, and mixing would turn them into NaN or leak the norm's bias onto them, so they are
-    zeroed before mixing and put back to `fill` afterwards.
+    `key_mask` (bool, broadcastable to (B, 1, N, M), True = may attend) is the call's attention
+    mask: masked keys are -inf logits (or 0 weights) in every head, and mixing would turn them into
+    NaN or leak the norm's bias onto them, so they are zeroed before mixing and put back to `fill`
+    afterwards.
     """
 
     def __init__(self, heads: int, *, norm: bool = False, fill: float = 0.0) -> None:
@@ -37,12 +39,11 @@ class HeadMix(nn.Module):
         self.norm_weight = nn.Parameter(torch.ones(heads)) if norm else None
         self.norm_bias = nn.Parameter(torch.zeros(heads)) if norm else None
         self.fill = fill
-        self.key_mask: torch.Tensor | None = None
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, t: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         hidden = None
-        if self.key_mask is not None and self.key_mask.dtype == torch.bool:
-            hidden = ~self.key_mask
+        if key_mask is not None and key_mask.dtype == torch.bool:
+            hidden = ~key_mask
             t = t.masked_fill(hidden, 0.0)
         # Heads last, so the mix is one matmul and the norm a plain layer_norm (2x faster on CPU
         # than an einsum and a hand-written norm over dim 1); the result is a permuted view.
@@ -59,8 +60,8 @@ class HeadMixAttention(Attention):
     """`Attention` with head mixing before the softmax (talking heads) and/or after it
     (talking heads, or re-attention with `post_norm`). (B, N, D) -> (B, N, D).
 
-    The mixing goes through `attend`'s pre_softmax / post_softmax hooks; this class only tells the
-    hooks which keys a call masks, so `kv_mask` and cross-attention masks stay exact.
+    The mixing goes through `attend`'s pre_softmax / post_softmax hooks, bound for each call to
+    that call's attention mask, so `kv_mask` and cross-attention masks stay exact.
     """
 
     def __init__(self, dim: int, heads: int, dim_head: int, *, pre_mix: bool = False, post_mix: bool = True,
@@ -71,16 +72,11 @@ class HeadMixAttention(Attention):
         if post_mix:
             self.post_softmax = HeadMix(heads, norm=post_norm, fill=0.0)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                context: torch.Tensor | None = None) -> torch.Tensor:
-        hooks = [h for h in (self.pre_softmax, self.post_softmax) if isinstance(h, HeadMix)]
-        for h in hooks:
-            h.key_mask = attn_mask
-        try:
-            return super().forward(x, attn_mask=attn_mask, context=context)
-        finally:
-            for h in hooks:
-                h.key_mask = None
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                attn_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        pre = None if self.pre_softmax is None else functools.partial(self.pre_softmax, key_mask=attn_mask)
+        post = None if self.post_softmax is None else functools.partial(self.post_softmax, key_mask=attn_mask)
+        return super()._attend(q, k, v, attn_mask=attn_mask, pre_softmax=pre, post_softmax=post, **kwargs)
 
 
 def block_stack(blocks: list[nn.Module]) -> Transformer:

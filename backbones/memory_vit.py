@@ -28,6 +28,7 @@ from ssl_vit import (
     BackboneOutput,
     register_presets,
 )
+from ssl_vit.backbone import make_head
 from ssl_vit.layers import Transformer
 
 from .vit import ViT
@@ -70,7 +71,7 @@ class MemoryViT(Backbone):
         self.memories = nn.Parameter(torch.zeros(depth, num_memories_per_layer, dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))  # trainable even when the ViT is frozen
         self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else None
+        self.head = make_head(dim, num_classes)
         for p in (self.memory_cls_token, self.memories, self.mask_token):
             trunc_normal_(p, std=0.02)
 

@@ -25,6 +25,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from ssl_vit import MASK_TOKEN, POS_FREE, TOKEN_DROP, Backbone, BackboneOutput, register_presets
+from ssl_vit.backbone import make_head
 from ssl_vit.embed import to_pair
 from ssl_vit.errors import InputShapeError
 from ssl_vit.layers import Attention, Transformer
@@ -120,7 +121,7 @@ class NaViT(Backbone):
         self.attn_pool_queries = nn.Parameter(torch.zeros(1, 1, dim))
         self.attn_pool = Attention(dim, heads, dim_head, qk_norm=qk_norm)
         self.pool_norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else None
+        self.head = make_head(dim, num_classes)
         for p in (self.pos_embed_height, self.pos_embed_width, self.mask_token, self.attn_pool_queries):
             trunc_normal_(p, std=0.02)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ssl_vit import BackboneOutput, TokenBackbone, register_presets
+from ssl_vit import EXTRA_TOKENS, MASK_TOKEN, POS_FREE, TOKEN_DROP, BackboneOutput, TokenBackbone, register_presets
 from ssl_vit.layers import Transformer, attend
 
 __all__ = ["PatchMergerViT", "PatchMerger"]
@@ -48,7 +48,10 @@ class PatchMergerViT(TokenBackbone):
     mean pooling of the merged tokens. (B, C, H, W) -> logits (B, num_classes).
 
     patch_merge_layer: merge after this many layers (default: depth // 2, as in the paper).
+    No kv_mask: the merger mixes every token into each merged one.
     """
+
+    capabilities = frozenset({TOKEN_DROP, MASK_TOKEN, EXTRA_TOKENS, POS_FREE})
 
     def __init__(
         self,

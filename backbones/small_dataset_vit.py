@@ -137,7 +137,7 @@ class SmallDatasetViT(TokenBackbone):
     ) -> BackboneOutput:
         """x (B, C, H, W) -> BackboneOutput, as TokenBackbone; hidden and dropped cells are zeroed
         in pixel space first because SPT's shifted copies cross cell borders."""
-        grid = self.check_request(x, mask, keep, extra_tokens, use_pos)
+        grid = self.check_request(x, mask, keep, extra_tokens, use_pos, kv_mask)
         hidden = mask
         if keep is not None:
             dropped = keep_to_mask(keep, grid)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_vit import EXTRA_TOKENS, MASK_TOKEN, POS_FREE, BackboneOutput, TokenBackbone, register_presets
+from ssl_vit import EXTRA_TOKENS, MASK_TOKEN, BackboneOutput, TokenBackbone, register_presets
 from ssl_vit.layers import Transformer
 from ssl_vit.masking import hide_pixels
 
@@ -120,9 +120,7 @@ class T2TViT(TokenBackbone):
         kv_mask: torch.Tensor | None = None,
     ) -> BackboneOutput:
         """x (B, C, H, W) -> BackboneOutput; see `TokenBackbone.forward_features`."""
-        self.check_request(x, mask, keep, extra_tokens, use_pos)
-        if kv_mask is not None:
-            self.require(POS_FREE, "kv_mask")
+        self.check_request(x, mask, keep, extra_tokens, use_pos, kv_mask)
         if mask is not None:
             x = hide_pixels(x, mask)
         return super().forward_features(x, mask=mask, extra_tokens=extra_tokens)

@@ -19,11 +19,23 @@ from timm.layers import resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ssl_vit import EXTRA_TOKENS, MASK_TOKEN, POS_FREE, TOKEN_DROP, Backbone, BackboneOutput, register_presets
+from ssl_vit import (
+    EXTRA_TOKENS,
+    MASK_TOKEN,
+    POS_FREE,
+    TOKEN_DROP,
+    Backbone,
+    BackboneOutput,
+    BadArgument,
+    register_presets,
+)
 from ssl_vit.masking import gather_tokens, replace_masked
 from ssl_vit.registry import BACKBONES
 
 __all__ = ["TimmViT"]
+
+# timm.create_model arguments that read files or fetch configs rather than describe the architecture.
+_LOADING_KWARGS = frozenset({"checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"})
 
 
 class TimmViT(Backbone):
@@ -38,10 +50,19 @@ class TimmViT(Backbone):
         if model_kwargs.pop("pretrained", False):
             raise ValueError("TimmViT builds timm models with pretrained=False (no downloads); load weights "
                              "afterwards with wrapper.model.load_state_dict(...)")
+        loading = sorted(set(model_kwargs) & _LOADING_KWARGS)
+        if loading:  # arguments may come from an export's backbone.json: they never name files to read
+            raise BadArgument(f"TimmViT builds from architecture arguments only; {', '.join(loading)} would make "
+                              "timm read weights or configs from elsewhere: load weights with "
+                              "wrapper.model.load_state_dict(...)")
         if model_name is None:
             model = VisionTransformer(num_classes=num_classes, **model_kwargs)
         else:
             import timm
+
+            if not timm.is_model(model_name):  # also refuses hf-hub: / local-dir: sources, which fetch configs
+                raise BadArgument(f"timm:{model_name} is not a model in timm's registry (sources such as hf-hub: "
+                                  "or local-dir: are not accepted); pick a name from timm.list_models('vit_*')")
 
             model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **model_kwargs)
         if type(model) is not VisionTransformer:
@@ -63,9 +84,21 @@ class TimmViT(Backbone):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, model.embed_dim))
         trunc_normal_(self.mask_token, std=0.02)
 
+    def timm_counterpart(self) -> tuple[str, dict[str, Any]]:
+        """The timm model this wraps: its name (the generic `vit_base_patch16_224` when built from
+        kwargs alone, whose defaults are VisionTransformer's) and constructor kwargs."""
+        cfg = dict(self.init_config)
+        name = cfg.pop("model_name", None) or "vit_base_patch16_224"
+        cfg.pop("num_classes", None)
+        return name, cfg
+
     def timm_state_dict(self) -> dict[str, torch.Tensor]:
         """The wrapped model's weights in timm's key layout."""
         return self.model.state_dict()
+
+    def state_dict_from_timm(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """timm-layout weights as this wrapper's state dict (the mask token, which timm lacks, is kept)."""
+        return {**{f"model.{k}": v for k, v in state.items()}, "mask_token": self.mask_token.detach()}
 
     def _positions(self, grid: tuple[int, int]) -> tuple[torch.Tensor | None, torch.Tensor]:
         """timm's learned positions split into (prefix part or None, patch part resampled to grid)."""

@@ -6,15 +6,106 @@ in ssl_vit. The seed README's keyword arguments are accepted unchanged.
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import nn
 
-from ssl_vit import TokenBackbone, register_presets
+from ssl_vit import IncompatibleBackbone, TokenBackbone, register_presets
 from ssl_vit.layers import LN_EPS, Transformer
 
 __all__ = ["ViT", "SimpleViT"]
 
+# timm names whose shapes our presets share: (embed_dim, depth, heads) at patch 16, 224 px.
+_TIMM_NAMES = {
+    (192, 12, 3): "vit_tiny_patch16_224",
+    (384, 12, 6): "vit_small_patch16_224",
+    (768, 12, 12): "vit_base_patch16_224",
+    (1024, 24, 16): "vit_large_patch16_224",
+}
+_TIMM_DEFAULTS = dict(img_size=224, patch_size=16, in_chans=3, mlp_ratio=4.0, qkv_bias=True, qk_norm=False,
+                      init_values=None, class_token=True, global_pool="token")
 
-class ViT(TokenBackbone):
+
+class _TimmLayout:
+    """timm's `VisionTransformer` key layout for ViT and SimpleViT (Dosovitskiy et al. 2021; timm).
+
+    timm keeps class-token and patch positions in one `pos_embed` table (1, R+N, D) and names the
+    blocks `blocks.<i>....` as ours are named under `transformer.`; sin-cos positions are written as
+    timm's (learnable) table. The mask token has no place in timm and is left out.
+    """
+
+    def timm_counterpart(self) -> tuple[str, dict[str, Any]]:
+        cls, cfg = type(self).__name__, self.init_config
+        if cfg.get("transformer") is not None:
+            raise IncompatibleBackbone(f"a {cls} with a custom `transformer` module has no timm counterpart")
+        dim, depth, heads = cfg["dim"], cfg["depth"], cfg["heads"]
+        dim_head = cfg.get("dim_head", 64)
+        if heads * dim_head != dim:
+            raise IncompatibleBackbone(
+                f"{cls} with heads * dim_head = {heads} * {dim_head} != dim = {dim} has no timm counterpart "
+                "(timm's attention width is the model width)"
+            )
+        patch, size = tuple(self.mask_unit), tuple(self.default_size)
+        mean_pool = self.pool == "mean"
+        want = dict(
+            img_size=size[0] if size[0] == size[1] else list(size),
+            patch_size=patch[0] if patch[0] == patch[1] else list(patch),
+            in_chans=self.in_channels,
+            mlp_ratio=cfg["mlp_dim"] / dim,
+            qkv_bias=bool(cfg.get("qkv_bias", False)),
+            qk_norm=bool(cfg.get("qk_norm", False)),
+            init_values=cfg.get("layer_scale"),
+            class_token=self.cls_token is not None,
+            global_pool="avg" if mean_pool else "token",
+        )
+        name = _TIMM_NAMES.get((dim, depth, heads))
+        kwargs = {k: v for k, v in want.items() if v != _TIMM_DEFAULTS[k]}
+        if name is None:  # any other shape: the generic VisionTransformer under a base name, all set by kwargs
+            name = "vit_base_patch16_224"
+            kwargs.update(embed_dim=dim, depth=depth, num_heads=heads)
+        if mean_pool:
+            kwargs["fc_norm"] = False  # our norm runs on the tokens before pooling, as timm's final norm does
+        return name, kwargs
+
+    def timm_state_dict(self) -> dict[str, torch.Tensor]:
+        self.timm_counterpart()  # raises for shapes timm cannot hold
+        out: dict[str, torch.Tensor] = {}
+        for key, value in self.state_dict().items():
+            if key in ("mask_token", "prefix_pos", "pos_embed.weight"):
+                continue
+            if key.startswith("transformer.blocks."):
+                key = key.removeprefix("transformer.")
+            elif not key.startswith(("patch_embed.", "norm.", "head.", "cls_token")):
+                raise IncompatibleBackbone(f"parameter '{key}' has no place in timm's VisionTransformer")
+            out[key] = value
+        if self.prefix_pos is not None:  # learned: class-token positions first, as in timm's one table
+            out["pos_embed"] = torch.cat([self.prefix_pos, self.pos_embed.weight], dim=1).detach()
+        elif self.pos == "learned":
+            out["pos_embed"] = self.pos_embed.weight.detach()
+        else:  # sin-cos: timm keeps the computed table as a parameter (1, N, D)
+            grid = tuple(s // p for s, p in zip(self.default_size, self.mask_unit))
+            out["pos_embed"] = self.pos_embed(grid, dtype=self.mask_token.dtype)
+        return out
+
+    def state_dict_from_timm(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        own = self.state_dict()
+        out: dict[str, torch.Tensor] = {}
+        for key, value in state.items():
+            if key == "pos_embed":
+                if "pos_embed.weight" in own:
+                    r = own["prefix_pos"].shape[1] if "prefix_pos" in own else 0
+                    if r:
+                        out["prefix_pos"] = value[:, :r]
+                    out["pos_embed.weight"] = value[:, r:]
+                continue  # sin-cos positions are computed, not loaded
+            out["transformer." + key if key.startswith("blocks.") else key] = value
+        if "mask_token" not in out:  # timm has none: keep this model's own
+            out["mask_token"] = own["mask_token"]
+        return out
+
+
+class ViT(_TimmLayout, TokenBackbone):
     """The original Vision Transformer: learned positions, class token, pre-norm blocks.
 
     (B, C, H, W) -> logits (B, num_classes), or pooled features (B, dim) with num_classes=0.
@@ -56,7 +147,7 @@ class ViT(TokenBackbone):
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
 
 
-class SimpleViT(TokenBackbone):
+class SimpleViT(_TimmLayout, TokenBackbone):
     """Simple ViT: fixed 2-D sin-cos positions, no class token, mean pooling, no dropout."""
 
     def __init__(

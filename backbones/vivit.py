@@ -17,6 +17,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from ssl_vit import MASK_TOKEN, VIDEO, Backbone, BackboneOutput, register_presets
+from ssl_vit.backbone import make_head
 from ssl_vit.embed import LearnedPosEmbed, PatchEmbed3d, to_pair
 from ssl_vit.layers import Attention, Mlp, Transformer
 from ssl_vit.masking import replace_masked
@@ -111,7 +112,7 @@ class ViViT(Backbone):
             self.blocks = nn.ModuleList(FactorizedBlock(dim, heads, dim_head, mlp_dim, dropout)
                                         for _ in range(spatial_depth))
         self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else None
+        self.head = make_head(dim, num_classes)
         for p in (self.mask_token, self.spatial_cls, getattr(self, "temporal_cls", None)):
             if p is not None:
                 trunc_normal_(p, std=0.02)

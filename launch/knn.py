@@ -13,14 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_vit import IMAGENET_MEAN, IMAGENET_STD
 from ssl_vit.layers import Block
 
 from .errors import LaunchError
 
 __all__ = ["extract_features", "knn_classify", "knn_accuracy", "normalizer", "last_blocks_cls"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def normalizer(mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,

@@ -5,6 +5,9 @@ from __future__ import annotations
 from .backbone import (
     CAPABILITIES,
     EXTRA_TOKENS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    KV_MASK,
     MASK_TOKEN,
     POS_FREE,
     TOKEN_DROP,
@@ -12,7 +15,19 @@ from .backbone import (
     Backbone,
     BackboneOutput,
 )
-from .errors import IncompatibleBackbone, InputShapeError, SslVitError, UnknownNameError
+from .errors import (
+    BadArgument,
+    CorruptCheckpoint,
+    ExportNotFound,
+    IncompatibleBackbone,
+    InputDtypeError,
+    InputShapeError,
+    MalformedExport,
+    OverwriteRefused,
+    SslVitError,
+    UnknownNameError,
+    WeightsMismatch,
+)
 from .export import load_backbone, save_backbone
 from .inspect import Extractor, Recorder
 from .objective import Objective, ViewSpec
@@ -28,9 +43,11 @@ from .registry import (
 from .token_backbone import TokenBackbone
 
 __all__ = [
-    "CAPABILITIES", "EXTRA_TOKENS", "MASK_TOKEN", "POS_FREE", "TOKEN_DROP", "VIDEO",
+    "CAPABILITIES", "EXTRA_TOKENS", "KV_MASK", "MASK_TOKEN", "POS_FREE", "TOKEN_DROP", "VIDEO",
+    "IMAGENET_MEAN", "IMAGENET_STD",
     "Backbone", "BackboneOutput", "TokenBackbone", "Objective", "ViewSpec",
-    "IncompatibleBackbone", "InputShapeError", "SslVitError", "UnknownNameError",
+    "IncompatibleBackbone", "InputShapeError", "InputDtypeError", "BadArgument", "CorruptCheckpoint",
+    "MalformedExport", "ExportNotFound", "OverwriteRefused", "WeightsMismatch", "SslVitError", "UnknownNameError",
     "create_backbone", "create_objective", "list_backbones", "list_objectives",
     "register_backbone", "register_objective", "register_presets",
     "Recorder", "Extractor", "load_backbone", "save_backbone",

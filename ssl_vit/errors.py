@@ -25,6 +25,34 @@ class InputShapeError(SslVitError, ValueError):
     """An input whose channels or size do not fit the backbone."""
 
 
+class InputDtypeError(SslVitError, TypeError):
+    """An input tensor of the wrong dtype (e.g. a uint8 image batch given to a backbone)."""
+
+
+class BadArgument(SslVitError, TypeError):
+    """A constructor argument of the wrong type; the message names the argument and the expected type."""
+
+
+class CorruptCheckpoint(SslVitError):
+    """A checkpoint or export folder whose files do not match its manifest (missing, truncated or changed)."""
+
+
+class MalformedExport(SslVitError, ValueError):
+    """An export's metadata (backbone.json) is not valid JSON or has fields of the wrong type."""
+
+
+class ExportNotFound(SslVitError, FileNotFoundError):
+    """A folder that is not a backbone export (backbone.json or backbone.safetensors is missing)."""
+
+
+class OverwriteRefused(SslVitError, FileExistsError):
+    """A write that would replace a folder which is not what it writes (e.g. an export over a run folder)."""
+
+
+class WeightsMismatch(SslVitError, ValueError):
+    """Exported weights that do not fit the architecture their backbone.json describes."""
+
+
 def closest(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
     """The `n` names in `choices` closest to `name` (difflib ratio), best first."""
     choices = list(choices)

@@ -79,12 +79,16 @@ class AttentionBase(nn.Module):
         self.pre_softmax: nn.Module | None = None
         self.post_softmax: nn.Module | None = None
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                pre_softmax: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                post_softmax: Callable[[torch.Tensor], torch.Tensor] | None = None, **kwargs) -> torch.Tensor:
+        """`attend` with this module's dropout, hooks and recording; `pre_softmax` / `post_softmax`
+        replace the module's own hooks for this call (e.g. bound to the call's mask)."""
         out, weights = attend(
             q, k, v,
             dropout_p=self.attn_drop if self.training else 0.0,
-            pre_softmax=self.pre_softmax,
-            post_softmax=self.post_softmax,
+            pre_softmax=self.pre_softmax if pre_softmax is None else pre_softmax,
+            post_softmax=self.post_softmax if post_softmax is None else post_softmax,
             return_weights=self.record,
             **kwargs,
         )

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from .errors import UnknownNameError, closest
+from .errors import BadArgument, UnknownNameError, closest
 
 _DEFAULT_PLUGINS = ("backbones", "objectives")
 
@@ -43,6 +43,9 @@ class Registry:
         return sorted(self._factories)
 
     def get(self, name: str) -> Callable[..., Any]:
+        if not isinstance(name, str):
+            raise BadArgument(f"a {self.kind} name must be a string, got {type(name).__name__} {name!r:.40}; "
+                              f"ssl_vit.list_{self.kind}s() lists them")
         load_plugins()
         if name in self._factories:
             return self._factories[name]
@@ -124,12 +127,44 @@ def create_objective(name: str, backbone: nn.Module | str, **overrides: Any) -> 
     return objective
 
 
+def _kind(value: Any) -> str | None:
+    """The coarse kind of a preset value that an override must share (None: anything goes)."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "str"
+    if isinstance(value, (list, tuple)):
+        return "sequence"
+    return None
+
+
+# An override of a number may be a sequence and the other way round (image_size=32 or (32, 48)).
+_FITS = {"bool": {"bool"}, "number": {"number", "sequence"}, "sequence": {"number", "sequence"}, "str": {"str"}}
+
+
+def check_overrides(name: str, preset: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """Raise BadArgument when an override's kind differs from the preset value it replaces
+    (a string for a number, a number for a flag ...). None is left to the constructor."""
+    for key, value in overrides.items():
+        want = _kind(preset.get(key))
+        if want is None or value is None or _kind(value) in _FITS[want]:
+            continue
+        raise BadArgument(
+            f"{name}: argument {key}={value!r} ({type(value).__name__}) does not fit the preset's {key}="
+            f"{preset[key]!r} ({type(preset[key]).__name__}); pass a value of that kind"
+        )
+
+
 def register_presets(cls: Callable[..., nn.Module], presets: dict[str, dict[str, Any]]) -> None:
     """Register one factory per preset: `create_backbone(name, **overrides)` builds
-    `cls(**{"num_classes": 0, **preset, **overrides})`."""
+    `cls(**{"num_classes": 0, **preset, **overrides})`; overrides must match the preset's value kinds."""
     for name, preset in presets.items():
-        def factory(_preset: dict[str, Any] = preset, **overrides: Any) -> nn.Module:
+        def factory(_preset: dict[str, Any] = preset, _name: str = name, **overrides: Any) -> nn.Module:
+            check_overrides(_name, _preset, overrides)
             return cls(**{"num_classes": 0, **_preset, **overrides})
         factory.__name__ = name
         factory.preset = dict(preset)
+        factory.backbone_class = cls
         BACKBONES.register(name, factory)

@@ -14,7 +14,17 @@ import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
-from .backbone import EXTRA_TOKENS, MASK_TOKEN, POS_FREE, TOKEN_DROP, VIDEO, Backbone, BackboneOutput
+from .backbone import (
+    EXTRA_TOKENS,
+    KV_MASK,
+    MASK_TOKEN,
+    POS_FREE,
+    TOKEN_DROP,
+    VIDEO,
+    Backbone,
+    BackboneOutput,
+    make_head,
+)
 from .embed import LearnedPosEmbed, PatchEmbed, PatchEmbed3d, SinCosPosEmbed, to_pair
 from .masking import gather_tokens, replace_masked
 
@@ -24,10 +34,11 @@ class TokenBackbone(Backbone):
 
     Subclasses call `build_tokens(...)` in their constructor, set `self.transformer` (called as
     `transformer(x, attn_mask=...)` on (B, R+N, D), or any module taking (B, L, D)) and `self.norm`,
-    then optionally override `run_blocks`.
+    then optionally override `run_blocks`. A subclass whose `forward_features` does not take
+    `kv_mask` (or whose blocks ignore `attn_mask`) declares its capabilities without `kv_mask`.
     """
 
-    capabilities = frozenset({TOKEN_DROP, MASK_TOKEN, EXTRA_TOKENS, POS_FREE})
+    capabilities = frozenset({TOKEN_DROP, MASK_TOKEN, EXTRA_TOKENS, POS_FREE, KV_MASK})
 
     def build_tokens(
         self,
@@ -72,6 +83,7 @@ class TokenBackbone(Backbone):
         self.mask_unit = patch_size
         self.num_prefix_tokens = num_cls_tokens
         self.pool = pool
+        self.pos = pos
         base_grid = tuple(s // p for s, p in zip(image_size, patch_size))
         if pos == "learned":
             self.pos_embed = LearnedPosEmbed(base_grid, dim)
@@ -84,7 +96,7 @@ class TokenBackbone(Backbone):
         self.cls_token = nn.Parameter(torch.zeros(1, num_cls_tokens, dim)) if num_cls_tokens else None
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.emb_dropout = nn.Dropout(emb_dropout)
-        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else None
+        self.head = make_head(dim, num_classes)
         for p in (self.cls_token, self.mask_token, self.prefix_pos):
             if p is not None:
                 trunc_normal_(p, std=0.02)
@@ -145,9 +157,9 @@ class TokenBackbone(Backbone):
 
         x may be video (B, C, T, H, W) for backbones built with `frames`; grids are then (t, h, w).
         kv_mask (B, h, w) bool, True = the token is dropped from the keys and values of every
-        attention layer but still queries (MP3, Zhai et al. 2022). Needs `pos_free`.
+        attention layer but still queries (MP3, Zhai et al. 2022). Needs the `kv_mask` capability.
         """
-        self.check_request(x, mask, keep, extra_tokens, use_pos)
+        self.check_request(x, mask, keep, extra_tokens, use_pos, kv_mask)
         tokens, grid = self.prepare_patches(x, mask=mask, keep=keep, use_pos=use_pos)
         b = tokens.shape[0]
         prefix = self.prefix(b, use_pos)

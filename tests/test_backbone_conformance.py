@@ -192,3 +192,67 @@ def test_bad_inputs_raise_clear_errors(name):
     size[-1] += 1
     with pytest.raises(InputShapeError, match=f"{size[-1]}"):
         m(torch.randn(2, m.in_channels, *size))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_input_dtype_rank_and_type_are_checked(name):
+    m = model_for(name)
+    x = make_input(m)
+    pixels = (x.clamp(-1, 1) * 127 + 128).to(torch.uint8)
+    for call in (m, m.forward_features):
+        with pytest.raises(ssl_vit.InputDtypeError, match=r"uint8.*x\.float\(\) / 255") as info:
+            call(pixels)
+        assert isinstance(info.value, ssl_vit.SslVitError) and "\n" not in str(info.value)
+        with pytest.raises(ssl_vit.InputDtypeError, match="int64"):
+            call(pixels.long())
+        with pytest.raises(InputShapeError, match="expects a"):
+            call(x[0])  # no batch axis
+    with pytest.raises(ssl_vit.InputDtypeError, match="torch.Tensor"):
+        m.forward_features(x.numpy())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_kv_mask_is_declared_not_sniffed(name):
+    m = model_for(name)
+    x = make_input(m)
+    grid = m.mask_grid(x.shape[2:])
+    kv = masking.random_mask(2, grid, 0.5, generator=torch.Generator().manual_seed(4))
+    use_pos = ssl_vit.POS_FREE not in m.capabilities
+    if ssl_vit.KV_MASK not in m.capabilities:
+        with pytest.raises((ssl_vit.IncompatibleBackbone, TypeError)):
+            m.forward_features(x, kv_mask=kv)
+        return
+    with torch.no_grad():
+        out = m.forward_features(x, use_pos=use_pos, kv_mask=kv)
+        full = m.forward_features(x, use_pos=use_pos)
+    assert out.patch_tokens.shape == full.patch_tokens.shape and torch.isfinite(out.patch_tokens).all()
+    assert not torch.allclose(out.patch_tokens, full.patch_tokens, atol=1e-5), "kv_mask must change the output"
+    with pytest.raises(InputShapeError, match="kv_mask must be bool"):
+        m.forward_features(x, use_pos=use_pos, kv_mask=kv.float())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_sets_no_attributes(name, monkeypatch):
+    """No module keeps per-call state: nothing is assigned to a module while it runs."""
+    m = model_for(name)
+    x = make_input(m)
+    kwargs = {}
+    if ssl_vit.KV_MASK in m.capabilities:
+        kwargs = dict(kv_mask=masking.random_mask(2, m.mask_grid(x.shape[2:]), 0.5),
+                      use_pos=ssl_vit.POS_FREE not in m.capabilities)
+    elif ssl_vit.MASK_TOKEN in m.capabilities:
+        kwargs = dict(mask=masking.random_mask(2, m.mask_grid(x.shape[2:]), 0.5))
+    assigned: list[str] = []
+    original = torch.nn.Module.__setattr__
+
+    def spy(self, key, value):
+        if not (self is m and key in m.inspection_attributes):
+            assigned.append(f"{type(self).__name__}.{key}")
+        original(self, key, value)
+
+    monkeypatch.setattr(torch.nn.Module, "__setattr__", spy)
+    with torch.no_grad():
+        m.forward_features(x, **kwargs)
+        m(x)
+    monkeypatch.undo()
+    assert not assigned, f"forward assigned module attributes: {sorted(set(assigned))}"

@@ -74,3 +74,58 @@ def test_no_weight_decay_names():
     assert {"cls_token", "mask_token", "prefix_pos", "pos_embed.weight"} <= nwd
     assert "transformer.blocks.0.attn.qkv.weight" not in nwd
     assert "transformer.blocks.0.norm1.weight" in nwd
+
+
+# ---- constructor arguments are checked (issue #12) ------------------------------------------------
+
+@pytest.mark.parametrize("overrides, named", [
+    (dict(dim="abc"), "dim"),
+    (dict(depth=2.5), "depth"),
+    (dict(image_size="abc"), "image_size"),
+    (dict(patch_size="8"), "patch_size"),
+    (dict(qkv_bias="yes"), "qkv_bias"),
+    (dict(pool=3), "pool"),
+    (dict(dimm=3), "dimm"),
+])
+def test_bad_constructor_argument_is_one_clear_error(overrides, named):
+    with pytest.raises(ssl_vit.BadArgument, match=named) as info:
+        ssl_vit.create_backbone("vit_tiny", **overrides)
+    msg = str(info.value)
+    assert isinstance(info.value, ssl_vit.SslVitError) and isinstance(info.value, TypeError)
+    assert "\n" not in msg and len(msg) < 300
+
+
+def test_unknown_argument_suggests_the_closest():
+    with pytest.raises(ssl_vit.BadArgument, match="did you mean: dim"):
+        ssl_vit.create_backbone("vit_tiny", dimm=3)
+
+
+def test_class_construction_is_checked_too():
+    with pytest.raises(ssl_vit.BadArgument, match=r"heads='2'"):
+        ViT(image_size=32, patch_size=8, num_classes=0, dim=32, depth=1, heads="2", mlp_dim=64)
+
+
+def test_good_overrides_of_another_kind_still_work():
+    m = ssl_vit.create_backbone("vit_tiny", image_size=(32, 48), layer_scale=None, drop_path=0)
+    assert tuple(m.default_size) == (32, 48)
+
+
+def test_every_registered_preset_passes_the_argument_check():
+    from ssl_vit.backbone import check_arguments
+    from ssl_vit.registry import BACKBONES
+
+    checked = 0
+    for name in ssl_vit.list_backbones():
+        factory = BACKBONES.get(name)
+        cls = vars(factory).get("backbone_class")  # preset factories; hand-written ones build when called
+        if cls is None:
+            continue
+        init = cls.__dict__["__init__"].__wrapped__
+        check_arguments(cls, init, {"num_classes": 0, **factory.preset})
+        checked += 1
+    assert checked >= len(ssl_vit.list_backbones("_tiny"))
+
+
+def test_a_name_that_is_not_a_string_is_a_bad_argument():
+    with pytest.raises(ssl_vit.BadArgument, match="must be a string"):
+        ssl_vit.create_backbone(5)
