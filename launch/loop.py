@@ -23,7 +23,7 @@ from objectives.views import make_views
 from . import checkpoint as ckpt
 from .build import Trainer, build_trainer
 from .config import dump
-from .data import ShardStream, SkipCounter, make_loader
+from .data import ShardStream, SkipCounter, iter_batches, make_loader
 from .errors import DivergedError
 from .export_backbone import export_backbone
 from .hooks import StepResult, default_hooks
@@ -68,7 +68,8 @@ def train_step(trainer: Trainer, step: int) -> StepResult:
         trainer.consumed += 1
         trainer.skips.update(batch)
         trainer.first_keys = trainer.first_keys or list(batch["key"])
-        views = make_views(batch["image"].to(acc.device, non_blocking=True), trainer.specs, normalize=trainer.norm)
+        views = make_views(batch["image"].to(acc.device, non_blocking=True), trainer.specs, normalize=trainer.norm,
+                           boxes=batch["box"].to(acc.device, non_blocking=True))
         sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(trainer.model)
         with sync, acc.autocast():
             labels = batch["label"].to(acc.device) if trainer.objective.needs_labels else None
@@ -94,9 +95,10 @@ def open_stream(trainer: Trainer) -> None:
     stream = ShardStream(plan.train_urls, batch_size=d.batch_size, image_size=d.image_size, rank=acc.process_index,
                          world=trainer.world, seed=trainer.cfg.train.seed, shuffle_buffer=d.shuffle_buffer,
                          resampled=d.resampled, need_labels=trainer.objective.needs_labels,
-                         skip_batches=trainer.consumed, frames=trainer.frames, frame_stride=d.frame_stride)
-    trainer.batches = iter(make_loader(stream, d.num_workers, pin_memory=acc.device.type == "cuda",
-                                       seed=trainer.cfg.train.seed))
+                         skip_batches=trainer.consumed, frames=trainer.frames, frame_stride=d.frame_stride,
+                         decode_size=d.decode_size or d.image_size, max_aspect=d.max_aspect)
+    trainer.batches = iter_batches(make_loader(stream, d.num_workers, pin_memory=acc.device.type == "cuda",
+                                               seed=trainer.cfg.train.seed))
     trainer.skips = SkipCounter()
     trainer.log = RunLogger(plan.out, total=trainer.total, initial=trainer.start, enabled=trainer.main)
 
@@ -148,8 +150,10 @@ def finish(trainer: Trainer) -> dict[str, Any]:
     if bad is not None:
         raise DivergedError(f"weight {bad} of the backbone is not finite: no export written; {CAUSES}")
     if trainer.main and trainer.start < trainer.stop:
-        export_backbone(trainer.objective.export_backbone(), export_dir, registry_name=plan.backbone_name,
-                        overrides=cfg.backbone_args, objective=cfg.objective, step=trainer.stop, config=cfg.as_dict())
+        # registry_name None: the module's own recipe (create_backbone's name and overrides, plus what the
+        # objective changed, e.g. MAE's pool="mean") rebuilds it
+        export_backbone(trainer.objective.export_backbone(), export_dir, registry_name=None, overrides=None,
+                        objective=cfg.objective, step=trainer.stop, config=cfg.as_dict())
     trainer.accelerator.wait_for_everyone()
     summary = {"steps": trainer.stop, "total_steps": trainer.total, "loss": trainer.last_loss,
                "checkpoint": str(trainer.last_checkpoint or ""), "export": str(export_dir),
@@ -163,6 +167,8 @@ def finish(trainer: Trainer) -> dict[str, Any]:
             loss = f"{trainer.last_loss:.4f}" if math.isfinite(trainer.last_loss) else "n/a"
             print(f"done: {trainer.stop} steps, last loss {loss}, data wait {data_wait:.0%}, "
                   f"skipped samples {trainer.skips.total}", flush=True)
+            if trainer.skips.bad_shards or trainer.skips.total:
+                print(trainer.skips.summary(), flush=True)
             print(f"checkpoints: {plan.out / 'checkpoints'} (latest: {trainer.last_checkpoint})", flush=True)
             print(f"exported backbone: {export_dir} (load with ssl_vit.load_backbone('{export_dir}'))", flush=True)
     trainer.accelerator.end_training()

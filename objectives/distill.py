@@ -79,7 +79,6 @@ class DistillWrapper(Objective):
 
     requires = (frozenset(),)  # extra_tokens preferred; a pooled-feature head is the fallback
     needs_labels = True
-    tiny_overrides = dict(teacher="student_copy", num_classes=10)
 
     def __init__(self, student: Backbone, teacher: nn.Module | str | None = None, *, temperature: float = 1.0,
                  alpha: float = 0.5, hard: bool = False, mlp_layernorm: bool = False, num_classes: int | None = None,

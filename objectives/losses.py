@@ -16,7 +16,8 @@ from torch import Tensor
 from ssl_vit.masking import gather_tokens, patchify, upsample_mask
 
 __all__ = [
-    "as_unit", "pixel_targets", "masked_mse", "mae_loss", "simmim_l1", "mean_colour_labels", "masked_cross_entropy",
+    "as_unit", "pixel_targets", "unnormalize_patches",
+    "masked_mse", "mae_loss", "simmim_l1", "mean_colour_labels", "masked_cross_entropy",
     "position_labels",
 ]
 
@@ -44,6 +45,15 @@ def pixel_targets(images: Tensor, unit: Sequence[int], norm_pix: bool = True, ep
         var = target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + eps).sqrt()
     return target
+
+
+def unnormalize_patches(pred: Tensor, patches: Tensor, eps: float = 1e-6) -> Tensor:
+    """Inverse of `pixel_targets(..., norm_pix=True)` for pictures: predictions (B, N, P) in per-patch
+    normalised units back to pixels with each patch's own mean and (unbiased) variance, taken from the
+    true patches (B, N, P): the picture shows the predicted structure, the statistics are the image's."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    std = (patches.var(dim=-1, keepdim=True) + eps).sqrt()
+    return pred.to(patches.dtype) * std + mean
 
 
 def masked_mse(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:

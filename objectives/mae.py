@@ -21,39 +21,15 @@ from torch import Tensor, nn
 from ssl_vit import MASK_TOKEN, TOKEN_DROP, InputShapeError, Objective, ViewSpec, register_objective
 from ssl_vit.embed import LearnedPosEmbed, SinCosPosEmbed
 from ssl_vit.layers import Transformer
-from ssl_vit.masking import (
-    gather_tokens,
-    hide_pixels,
-    mask_to_keep,
-    patchify,
-    random_mask,
-    scatter_tokens,
-    tube_mask,
-    unpatchify,
-)
+from ssl_vit.masking import draw_mask, gather_tokens, hide_pixels, mask_to_keep, patchify, scatter_tokens, unpatchify
 
-from .losses import as_unit, pixel_targets
+from .losses import as_unit, pixel_targets, unnormalize_patches
+from .pooling import with_pool
 from .views import resolve_views
 
 __all__ = ["MAE", "MAEDecoder"]
 
 logger = logging.getLogger(__name__)
-
-
-def draw_mask(batch: int, grid: Sequence[int], ratio: float, device: torch.device,
-              generator: torch.Generator | None = None, tube: bool = True) -> Tensor:
-    """Random mask (B, *grid) hiding round(ratio * N) cells per sample, at least one hidden and one
-    visible. Video grids (t, h, w) get tube masks (VideoMAE, Tong et al. 2022) when `tube`."""
-    n = math.prod(grid)
-    if n < 2:
-        raise InputShapeError(f"masking needs a mask grid of at least 2 cells, got {tuple(grid)}")
-    hidden = min(max(round(n * ratio), 1), n - 1)
-    if len(grid) == 3 and tube:
-        cells = grid[1] * grid[2]
-        hidden = min(max(round(cells * ratio), 1), cells - 1) if cells >= 2 else 0
-        return tube_mask(batch, grid, (hidden + 0.25) / cells, generator=generator, device=device)
-    # + 0.25 cell: random_mask rounds ratio * N, so this lands exactly on `hidden`
-    return random_mask(batch, grid, (hidden + 0.25) / n, generator=generator, device=device)
 
 
 class MAEDecoder(nn.Module):
@@ -66,7 +42,7 @@ class MAEDecoder(nn.Module):
     """
 
     def __init__(self, encoder_dim: int, out_dim: int, base_grid: Sequence[int], dim: int = 512, depth: int = 8,
-                 heads: int = 16, dim_head: int = 64, pos: str = "sincos") -> None:
+                 heads: int = 16, dim_head: int = 32, pos: str = "sincos") -> None:
         super().__init__()
         self.embed = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -105,16 +81,21 @@ class MAEDecoder(nn.Module):
 class MAE(Objective):
     """Masked autoencoder pretraining over any backbone with `token_drop` (or `mask_token`).
 
-    MAE(encoder=v, decoder_dim=512, masking_ratio=0.75, decoder_depth=1, ...) as in the seed;
-    calling it on images (B, C, H, W) (video (B, C, T, H, W)) returns the scalar loss.
+    MAE(encoder=v, masking_ratio=0.75, decoder_dim=512, decoder_depth=6) as in the seed; calling it
+    on images (B, C, H, W) (video (B, C, T, H, W)) returns the scalar loss.
+    Decoder defaults are the paper's (He et al. 2021, Sec. 3 and App. A.1; official `mae_vit_*_dec512d8b`):
+    8 blocks of width 512 with 16 heads of width 32 (attention 512 wide), fixed sin-cos positions.
     masking_ratio: None gives 0.75 for images and 0.9 for video backbones (VideoMAE's tube masking);
     a value given always wins.
     Targets are pixel patches of the backbone's `mask_unit` (hierarchical backbones: the final
     stride; video: (pt, p, p) tubelets), normalised per patch when `norm_pix_loss` (paper default).
+    The exported backbone pools by the mean of its patch tokens (`trained_pool`, see
+    `objectives.pooling`).
     """
 
     requires = (frozenset({TOKEN_DROP}), frozenset({MASK_TOKEN}))
-    tiny_overrides = dict(decoder_dim=32, decoder_depth=1, decoder_heads=2, decoder_dim_head=16)
+    can_reconstruct = True
+    trained_pool = "mean"
 
     def __init__(
         self,
@@ -122,9 +103,9 @@ class MAE(Objective):
         *,
         decoder_dim: int = 512,
         masking_ratio: float | None = None,
-        decoder_depth: int = 1,
-        decoder_heads: int = 8,
-        decoder_dim_head: int = 64,
+        decoder_depth: int = 8,
+        decoder_heads: int = 16,
+        decoder_dim_head: int = 32,
         norm_pix_loss: bool = True,
         decoder_pos: str = "sincos",
         crop_scale: tuple[float, float] = (0.2, 1.0),
@@ -151,6 +132,10 @@ class MAE(Objective):
     @property
     def backbone(self) -> nn.Module:
         return self.encoder
+
+    def export_backbone(self) -> nn.Module:
+        """The encoder, pooling by the mean of its patch tokens where it has that option."""
+        return with_pool(self.encoder, self.trained_pool)
 
     def view_specs(self) -> list[ViewSpec]:
         """One view: random resized crop (scale 0.2-1) and horizontal flip (paper, App. A.1)."""
@@ -188,16 +173,15 @@ class MAE(Objective):
 
     @torch.no_grad()
     def reconstruct(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """For pictures: images (B, C, H, W) -> (masked input with hidden pixels zeroed, reconstruction
-        (B, C, H, W) with visible patches from the input and predicted ones in the hidden cells, the
-        mask (B, h, w)). With norm_pix_loss the predictions are put back in pixel space with each
-        hidden patch's own mean and standard deviation, as the paper's figures do."""
+        """For pictures: images (B, C, H, W) (video (B, C, T, H, W)), in the space the objective trains
+        on -> (masked input with hidden pixels zeroed, reconstruction of the same shape with visible
+        patches from the input and predicted ones in the hidden cells, the mask (B, h, w)).
+        With norm_pix_loss the predictions are put back in pixel space with each hidden patch's own
+        mean and standard deviation (`losses.unnormalize_patches`)."""
         pred, mask, _ = self._predict(images)
         patches = patchify(images, self.unit)
         if self.norm_pix_loss:
-            mean = patches.mean(dim=-1, keepdim=True)
-            std = (patches.var(dim=-1, keepdim=True) + 1e-6).sqrt()
-            pred = pred * std + mean
+            pred = unnormalize_patches(pred, patches)
         merged = torch.where(mask.flatten(1).unsqueeze(-1), pred.to(patches.dtype), patches)
         recon = unpatchify(merged, self.unit, mask.shape[1:], images.shape[1])
         return hide_pixels(images, mask), recon, mask

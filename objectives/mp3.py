@@ -9,7 +9,6 @@ over all grid positions).
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 
@@ -17,38 +16,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_vit import POS_FREE, IncompatibleBackbone, InputShapeError, Objective, ViewSpec, register_objective
+from ssl_vit import KV_MASK, POS_FREE, InputShapeError, Objective, ViewSpec, register_objective
+from ssl_vit.masking import draw_mask
 
 from .losses import position_labels
-from .mae import draw_mask
+from .pooling import with_pool
 from .views import resolve_views
 
 __all__ = ["MP3"]
 
 
-def _takes_kv_mask(backbone: nn.Module) -> bool:
-    return "kv_mask" in inspect.signature(backbone.forward_features).parameters
-
-
 class MP3(Objective):
-    """MP3(vit=v, masking_ratio=0.75) over any `pos_free` backbone whose forward_features takes
-    `kv_mask` (ssl_vit.TokenBackbone does). Positions are classes over the mask grid of the
+    """MP3(vit=v, masking_ratio=0.75) over any backbone with the `pos_free` and `kv_mask`
+    capabilities (ssl_vit.TokenBackbone has both). Positions are classes over the mask grid of the
     backbone's default size, so training runs at that size."""
 
-    requires = (frozenset({POS_FREE}),)
-    tiny_overrides: dict = {}
-
-    @classmethod
-    def compatible(cls, backbone: nn.Module) -> bool:
-        return super().compatible(backbone) and _takes_kv_mask(backbone)
-
-    @classmethod
-    def check_backbone(cls, backbone: nn.Module) -> None:
-        super().check_backbone(backbone)
-        if not _takes_kv_mask(backbone):
-            raise IncompatibleBackbone(
-                f"MP3 cannot train {type(backbone).__name__}: it has pos_free but its forward_features takes no "
-                "kv_mask (dropping masked tokens from keys and values)")
+    requires = (frozenset({POS_FREE, KV_MASK}),)
+    trained_pool = "mean"  # the position loss trains the patch tokens, not a class token
 
     def __init__(self, vit: nn.Module, *, masking_ratio: float = 0.75,
                  crop_scale: tuple[float, float] = (0.2, 1.0)) -> None:
@@ -65,6 +49,10 @@ class MP3(Objective):
     @property
     def backbone(self) -> nn.Module:
         return self.vit
+
+    def export_backbone(self) -> nn.Module:
+        """The encoder, pooling by the mean of its patch tokens where it has that option."""
+        return with_pool(self.vit, self.trained_pool)
 
     def view_specs(self) -> list[ViewSpec]:
         """Random resized crop and flip at the backbone's default size."""

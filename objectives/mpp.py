@@ -1,10 +1,12 @@
 """Masked patch prediction (Dosovitskiy et al. 2021, "An Image is Worth 16x16 Words", Sec. 4.6 and
 App. B.1.2), the BERT-style objective of the ViT paper.
 
-`mask_prob` of the cells are corrupted; of those, `replace_prob` are swapped for the backbone's
-mask token (`mask=`), `random_patch_prob` get the pixels of another cell of the same image, and the
-rest stay as they are. Each corrupted cell predicts its mean colour, every channel quantised to
-2**output_channel_bits levels (512 classes for 3 bits and RGB); cross-entropy on corrupted cells only.
+The paper's recipe is the default: 50 % of the cells are corrupted (`mask_prob`); of those, 80 % are
+swapped for the backbone's mask token (`replace_prob`, through `mask=`), 10 % get another cell of
+the same image (`random_patch_prob`: its pixels, so its patch embedding, while the cell keeps its own
+position) and 10 % stay as they are. Each corrupted cell predicts its mean colour, every channel
+quantised to 2**output_channel_bits levels (512 classes for 3 bits and RGB); cross-entropy on all
+corrupted cells. Labels are computed from the un-normalised pixels (`input_mean` / `input_std`).
 """
 
 from __future__ import annotations
@@ -15,27 +17,32 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ssl_vit import MASK_TOKEN, InputShapeError, Objective, ViewSpec, register_objective
-from ssl_vit.masking import gather_tokens, patchify, unpatchify
+from ssl_vit import MASK_TOKEN, BadArgument, InputShapeError, Objective, ViewSpec, register_objective
+from ssl_vit.masking import draw_mask, gather_tokens, patchify, unpatchify
 
 from .losses import as_unit, masked_cross_entropy, mean_colour_labels
-from .mae import draw_mask
+from .pooling import with_pool
 from .views import resolve_views
 
 __all__ = ["MPP"]
 
 
 class MPP(Objective):
-    """MPP(transformer=model, patch_size=32, dim=1024, mask_prob=0.15, random_patch_prob=0.3, replace_prob=0.5).
+    """MPP(transformer=model, patch_size=32, dim=1024, mask_prob=0.15, random_patch_prob=0.3, replace_prob=0.5)
+    as in the seed; without those keywords the paper's 50 % / 80 % / 10 % (App. B.1.2).
 
     patch_size / dim / channels: the seed's arguments; they must agree with the backbone's
     `mask_unit`, `embed_dim` and `in_channels` (None: taken from the backbone).
-    mean / std: the normalisation the inputs carry (targets are computed after undoing it); inputs are
-    otherwise taken to lie in [0, max_pixel_val] and are clamped for quantisation.
+    replace_prob / random_patch_prob: shares of the corrupted cells given the mask token / another
+    cell; the rest (1 - both) stay unchanged.
+    mean / std: the per-channel normalisation the inputs carry, `(pixels - mean) / std` (the seed's
+    arguments; the same as `set_input_normalization`, which the launcher calls and which replaces
+    them). Labels are computed after undoing it; pixels are taken to lie in [0, max_pixel_val] and
+    are clamped for quantisation.
     """
 
     requires = (frozenset({MASK_TOKEN}),)
-    tiny_overrides: dict = {}
+    trained_pool = "mean"
 
     def __init__(
         self,
@@ -45,9 +52,9 @@ class MPP(Objective):
         output_channel_bits: int = 3,
         channels: int | None = None,
         max_pixel_val: float = 1.0,
-        mask_prob: float = 0.15,
-        replace_prob: float = 0.5,
-        random_patch_prob: float = 0.5,
+        mask_prob: float = 0.5,
+        replace_prob: float = 0.8,
+        random_patch_prob: float = 0.1,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         crop_scale: tuple[float, float] = (0.2, 1.0),
@@ -69,25 +76,48 @@ class MPP(Objective):
         if replace_prob < 0 or random_patch_prob < 0 or replace_prob + random_patch_prob > 1.0 + 1e-9:
             raise ValueError(f"replace_prob ({replace_prob}) and random_patch_prob ({random_patch_prob}) "
                              "must be non-negative and sum to at most 1")
-        if (mean is None) != (std is None):
-            raise ValueError("MPP: give both mean and std, or neither")
         self.bits, self.max_pixel_val = output_channel_bits, max_pixel_val
         self.mask_prob, self.replace_prob, self.random_patch_prob = mask_prob, replace_prob, random_patch_prob
         self.crop_scale = tuple(crop_scale)
-        shape = (1, c) + (1,) * len(transformer.default_size)
-        self.register_buffer("mean", None if mean is None else torch.tensor(mean, dtype=torch.float).view(shape),
-                             persistent=False)
-        self.register_buffer("std", None if std is None else torch.tensor(std, dtype=torch.float).view(shape),
-                             persistent=False)
+        self.set_input_normalization(mean, std)
         self.to_bits = nn.Linear(transformer.embed_dim, 2 ** (output_channel_bits * c))
 
     @property
     def backbone(self) -> nn.Module:
         return self.transformer
 
+    def export_backbone(self) -> nn.Module:
+        """The transformer, pooling by the mean of its patch tokens where it has that option."""
+        return with_pool(self.transformer, self.trained_pool)
+
+    def set_input_normalization(self, mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
+        """The views are `(pixels - mean) / std` per channel (None: raw pixels); checked against the
+        backbone's channels, since the labels undo it."""
+        if (mean is None) != (std is None):
+            raise ValueError("MPP: give both mean and std, or neither")
+        c = self.transformer.in_channels
+        for name, value in (("mean", mean), ("std", std)):
+            if value is not None and len(value) != c:
+                raise BadArgument(f"MPP: {name} has {len(value)} values for {c} input channels")
+        if std is not None and any(float(s) <= 0 for s in std):
+            raise BadArgument(f"MPP: std must be positive, got {tuple(std)}")
+        super().set_input_normalization(mean, std)
+
+    def pixels(self, x: Tensor) -> Tensor:
+        """Views (B, C, ...) -> the pixels they were made from, undoing `input_mean` / `input_std`."""
+        if self.input_mean is None:
+            return x
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean = torch.tensor(self.input_mean, device=x.device, dtype=x.dtype).view(shape)
+        std = torch.tensor(self.input_std, device=x.device, dtype=x.dtype).view(shape)
+        return x * std + mean
+
+    def labels(self, x: Tensor) -> Tensor:
+        """Mean-colour class of every cell of the views x (B, C, H, W): (B, N) long."""
+        return mean_colour_labels(self.pixels(x.detach()), self.unit, self.bits, self.max_pixel_val)
+
     def view_specs(self) -> list[ViewSpec]:
-        """Random resized crop and flip. Targets need pixel values: pass `mean`/`std` when the views
-        are normalised."""
+        """Random resized crop and flip."""
         size = tuple(self.transformer.default_size)
         frames = size[0] if len(size) == 3 else None
         return [ViewSpec("mpp", 1, size[-2:], scale=self.crop_scale, hflip=0.5, frames=frames)]
@@ -118,8 +148,7 @@ class MPP(Objective):
             raise InputShapeError(
                 f"MPP needs one final token per mask cell: {type(self.transformer).__name__} gave "
                 f"{out.patch_tokens.shape[1]} tokens for a {tuple(grid)} mask grid")
-        pixels = x if self.mean is None else x * self.std + self.mean
-        labels = mean_colour_labels(pixels.detach(), self.unit, self.bits, self.max_pixel_val)
+        labels = self.labels(x)
         logits = self.to_bits(out.patch_tokens)
         loss = masked_cross_entropy(logits, labels, corrupted)
         with torch.no_grad():

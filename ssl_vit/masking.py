@@ -14,13 +14,44 @@ from collections.abc import Sequence
 import torch
 from einops import rearrange
 
+from .errors import InputShapeError
+
 Grid = Sequence[int]
+ROUNDINGS = ("nearest", "ceil")
 
 
 def _num_hidden(num_cells: int, ratio: float) -> int:
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
     return int(round(num_cells * ratio))
+
+
+def num_hidden(num_cells: int, ratio: float, rounding: str = "nearest") -> int:
+    """How many of `num_cells` cells a mask of `ratio` hides, at least one and at most all but one.
+
+    rounding: "nearest" (Python's round; MAE keeps `int(N * (1 - ratio))` cells, the same count on the
+    usual grids) or "ceil" (SimMIM's mask generator, Xie et al. 2022: `ceil(count * ratio)`; float
+    noise such as 0.7 * 10 = 7.000000000000001 is rounded away first).
+    """
+    if num_cells < 2:
+        raise InputShapeError(f"masking needs a mask grid of at least 2 cells, got {num_cells}")
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"mask ratio must be in (0, 1), got {ratio}")
+    if rounding == "nearest":
+        hidden = round(num_cells * ratio)
+    elif rounding == "ceil":
+        hidden = math.ceil(round(num_cells * ratio, 9))
+    else:
+        raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+    return min(max(int(hidden), 1), num_cells - 1)
+
+
+def _rank_mask(batch: int, num_cells: int, hidden: int, generator: torch.Generator | None,
+               device: torch.device | str | None) -> torch.Tensor:
+    """(B, N) bool with exactly `hidden` True per row: per-sample noise plus argsort (He et al. 2021)."""
+    noise = torch.rand(batch, num_cells, generator=generator, device=device)
+    rank = noise.argsort(dim=1).argsort(dim=1)  # rank of each cell in its sample's noise
+    return rank < hidden
 
 
 def random_mask(
@@ -36,10 +67,7 @@ def random_mask(
     Returns a bool tensor (B, *grid). Per-sample noise plus argsort, as in MAE (He et al. 2021).
     """
     n = math.prod(grid)
-    hidden = _num_hidden(n, ratio)
-    noise = torch.rand(batch, n, generator=generator, device=device)
-    rank = noise.argsort(dim=1).argsort(dim=1)  # rank of each cell in its sample's noise
-    return (rank < hidden).view(batch, *grid)
+    return _rank_mask(batch, n, _num_hidden(n, ratio), generator, device).view(batch, *grid)
 
 
 def block_mask(
@@ -103,6 +131,37 @@ def tube_mask(
     t, h, w = grid
     spatial = random_mask(batch, (h, w), ratio, generator=generator, device=device)
     return spatial.unsqueeze(1).expand(batch, t, h, w).contiguous()
+
+
+def draw_mask(
+    batch: int,
+    grid: Grid,
+    ratio: float,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+    tube: bool = True,
+    *,
+    rounding: str = "nearest",
+) -> torch.Tensor:
+    """The masked-image objectives' mask: (B, *grid) bool hiding `num_hidden(N, ratio, rounding)`
+    cells per sample (at least one hidden, one visible), uniformly at random (MAE, He et al. 2021;
+    SimMIM, Xie et al. 2022 with rounding="ceil"; MPP; MP3).
+
+    Video grids (t, h, w) with `tube` get tube masks (VideoMAE, Tong et al. 2022): the count is taken
+    over the h * w spatial cells and the same cells are hidden in every time slice (a single
+    spatial cell: nothing hidden). Draws the same random numbers as `random_mask` / `tube_mask`.
+    """
+    grid = tuple(int(g) for g in grid)
+    n = math.prod(grid)
+    if n < 2:
+        raise InputShapeError(f"masking needs a mask grid of at least 2 cells, got {grid}")
+    if len(grid) == 3 and tube:
+        t, h, w = grid
+        cells = h * w
+        hidden = num_hidden(cells, ratio, rounding) if cells >= 2 else 0
+        spatial = _rank_mask(batch, cells, hidden, generator, device).view(batch, 1, h, w)
+        return spatial.expand(batch, t, h, w).contiguous()
+    return _rank_mask(batch, n, num_hidden(n, ratio, rounding), generator, device).view(batch, *grid)
 
 
 def mask_to_keep(mask: torch.Tensor) -> torch.Tensor:

@@ -8,10 +8,13 @@ import pytest
 import torch
 
 import ssl_vit
+from launch.config import profile_objective_args
 from objectives import MAE, MP3, MPP, SimMIM, losses
-from objectives.mae import draw_mask
 from objectives.views import IMAGENET_MEAN, IMAGENET_STD, make_views
 from ssl_vit import ViewSpec, masking
+from ssl_vit.masking import draw_mask
+
+TINY_MAE = profile_objective_args("demo", "mae")  # the demo profile's small decoder
 
 
 # ---- views -----------------------------------------------------------------------------------------
@@ -63,7 +66,7 @@ def patch_of(x: torch.Tensor, b: int, i: int, j: int, p: int) -> torch.Tensor:
 
 # ---- MAE -------------------------------------------------------------------------------------------
 def test_mae_loss_is_normalised_pixel_mse_on_hidden_patches():
-    model = MAE(tiny_vit(), **MAE.tiny_overrides)
+    model = MAE(tiny_vit(), **TINY_MAE)
     x = torch.rand(2, 3, 32, 32)
     torch.manual_seed(3)
     loss = model([x])
@@ -92,7 +95,7 @@ def test_mae_loss_is_normalised_pixel_mse_on_hidden_patches():
 
 
 def test_mae_reconstruct_keeps_visible_patches():
-    model = MAE(tiny_vit(), **MAE.tiny_overrides).eval()
+    model = MAE(tiny_vit(), **TINY_MAE).eval()
     x = torch.rand(2, 3, 32, 32)
     masked, recon, mask = model.reconstruct(x)
     pix = mask.repeat_interleave(8, 1).repeat_interleave(8, 2).unsqueeze(1).expand_as(x)
@@ -111,11 +114,35 @@ def test_mae_mask_token_mode_logs(caplog):
     if fallback is None:
         pytest.skip("no registered backbone with mask_token but without token_drop")
     with caplog.at_level(logging.WARNING, logger="objectives.mae"):
-        model = MAE(fallback, **MAE.tiny_overrides)
+        model = MAE(fallback, **TINY_MAE)
     assert not model.token_drop
     assert any("mask-token mode" in r.getMessage() for r in caplog.records)
     loss = model(torch.rand(2, fallback.in_channels, *fallback.default_size))
     assert torch.isfinite(loss)
+
+
+def test_mae_decoder_defaults_are_the_papers_and_seed_keywords_win():
+    dec = MAE(tiny_vit()).decoder  # He et al. 2021 / official dec512d8b: 8 blocks, 512 wide, 16 heads of 32
+    attn = [b.attn for b in dec.blocks.blocks]
+    assert len(attn) == 8 and dec.embed.out_features == 512
+    assert all((a.heads, a.dim_head, a.inner) == (16, 32, 512) for a in attn)
+    seed = MAE(tiny_vit(), masking_ratio=0.75, decoder_dim=64, decoder_depth=2).decoder
+    assert len(seed.blocks.blocks) == 2 and seed.embed.out_features == 64
+    assert (seed.blocks.blocks[0].attn.heads, seed.blocks.blocks[0].attn.dim_head) == (16, 32)
+
+
+def test_mae_reconstruct_unnormalises_with_each_patch_statistics():
+    model = MAE(tiny_vit(), **TINY_MAE).eval()
+    x = torch.rand(2, 3, 32, 32)
+    torch.manual_seed(4)
+    _, recon, mask = model.reconstruct(x)
+    torch.manual_seed(4)
+    pred, again, _ = model._predict(x)
+    assert torch.equal(mask, again)
+    b, i, j = (int(v) for v in mask.nonzero()[0])
+    t = patch_of(x, b, i, j, 8)
+    want = pred[b, i * 4 + j] * torch.sqrt(t.var(unbiased=True) + 1e-6) + t.mean()
+    torch.testing.assert_close(patch_of(recon, b, i, j, 8), want)
 
 
 # ---- SimMIM ----------------------------------------------------------------------------------------
@@ -151,6 +178,17 @@ def test_simmim_masks_on_32px_cells_and_loss_matches():
     torch.testing.assert_close(loss, (pred - x).abs()[pix].mean())
 
 
+def test_simmim_defaults_hide_ceil_of_60_percent_of_32px_cells():
+    model = SimMIM(tiny_vit(image_size=64, patch_size=8))
+    assert model.masking_ratio == 0.6 and model.mask_patch_size == 32
+    mask = model.make_mask(3, (8, 8), torch.device("cpu"))
+    # 2x2 masking cells of 32 px: ceil(0.6 * 4) = 3 hidden (the official MaskGenerator), not round() = 2
+    assert (mask.view(3, 2, 4, 2, 4).flatten(1).sum(1) == 3 * 16).all()
+    assert masking.num_hidden(36, 0.6, "ceil") == 22 and masking.num_hidden(49, 0.6, "ceil") == 30
+    assert masking.num_hidden(10, 0.7, "ceil") == 7  # float noise (7.000000000000001) is not rounded up
+    assert SimMIM(tiny_vit(), masking_ratio=0.5).masking_ratio == 0.5  # the seed's keyword
+
+
 # ---- MPP -------------------------------------------------------------------------------------------
 def test_mpp_mean_colour_quantisation():
     x = torch.zeros(1, 3, 8, 16)
@@ -180,6 +218,56 @@ def test_mpp_corruption_proportions():
     assert abs(replace.sum().item() / n - 0.5) < 0.05
     assert abs(changed.sum().item() / n - 0.3) < 0.05
     assert abs((corrupted & ~replace & ~changed).sum().item() / n - 0.2) < 0.05
+
+
+def test_mpp_default_corruption_is_the_papers(monkeypatch):
+    # ViT paper App. B.1.2: 50 % of the patches; of those 80 % mask token, 10 % another patch, 10 % kept
+    model = MPP(tiny_vit(image_size=64, patch_size=4))
+    assert (model.mask_prob, model.replace_prob, model.random_patch_prob) == (0.5, 0.8, 0.1)
+    torch.manual_seed(1)
+    x = torch.rand(32, 3, 64, 64)
+    out, replace, corrupted = model.corrupt(x, (16, 16))
+    assert (corrupted.flatten(1).sum(1) == 128).all()
+    changed = (out != x).view(32, 3, 16, 4, 16, 4).any(dim=(1, 3, 5))
+    assert not (changed & ~corrupted).any() and not (changed & replace).any()
+    n = corrupted.sum().item()
+    assert abs(replace.sum().item() / n - 0.8) < 0.03
+    assert abs(changed.sum().item() / n - 0.1) < 0.02
+    assert abs((corrupted & ~replace & ~changed).sum().item() / n - 0.1) < 0.02
+    # the loss covers every corrupted cell, swapped and kept ones included
+    captured = {}
+    real = losses.masked_cross_entropy
+
+    def spy(logits, labels, mask):
+        captured["mask"] = mask
+        return real(logits, labels, mask)
+
+    monkeypatch.setattr("objectives.mpp.masked_cross_entropy", spy)
+    torch.manual_seed(2)
+    model([x[:4]])
+    torch.manual_seed(2)
+    _, _, want = model.corrupt(x[:4], (16, 16))
+    assert torch.equal(captured["mask"], want)
+
+
+def test_mpp_labels_undo_the_launchers_normalisation():
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    model = MPP(tiny_vit())
+    model.set_input_normalization(mean, std)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    whole = ViewSpec("v", 1, (32, 32), scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0)
+    (view,) = make_views(images, [whole], normalize=(mean, std))  # what the launcher hands over
+    assert view.min() < 0  # really normalised
+    raw = images.float() / 255
+    want = losses.mean_colour_labels(raw, (8, 8), bits=3)
+    assert torch.equal(model.labels(view), want)
+    # without the normalisation the labels would be wrong, so this test can fail
+    assert not torch.equal(MPP(tiny_vit()).labels(view), want)
+    # the seed's mean/std keywords say the same thing for standalone calls
+    seeded = MPP(tiny_vit(), mean=mean, std=std)
+    assert torch.equal(seeded.labels(view), want)
+    with pytest.raises(ssl_vit.BadArgument, match="input channels"):
+        model.set_input_normalization((0.5,), (0.5,))
 
 
 def test_mpp_cross_entropy_on_corrupted_only():

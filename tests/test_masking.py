@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import ssl_vit
 from ssl_vit import masking
 
 
@@ -109,3 +110,35 @@ def test_upsample_mask():
     up = masking.upsample_mask(m, 2)
     assert up.shape == (1, 2, 4)
     assert up[0, :, :2].all() and not up[0, :, 2:].any()
+
+
+def test_draw_mask_counts_rounding_and_limits():
+    g = torch.Generator().manual_seed(0)
+    m = masking.draw_mask(6, (4, 4), 0.75, generator=g)
+    assert m.shape == (6, 4, 4) and (m.flatten(1).sum(1) == 12).all()
+    # at least one cell hidden and one visible, whatever the ratio
+    assert (masking.draw_mask(3, (2, 2), 0.01).flatten(1).sum(1) == 1).all()
+    assert (masking.draw_mask(3, (2, 2), 0.99).flatten(1).sum(1) == 3).all()
+    # SimMIM rounds up: 0.5 of 5 cells is 2 with round() (to even), 3 with ceil
+    assert (masking.draw_mask(4, (1, 5), 0.5).flatten(1).sum(1) == 2).all()
+    assert (masking.draw_mask(4, (1, 5), 0.5, rounding="ceil").flatten(1).sum(1) == 3).all()
+    with pytest.raises(ssl_vit.InputShapeError, match="at least 2 cells"):
+        masking.draw_mask(2, (1, 1), 0.5)
+    with pytest.raises(ValueError, match="rounding"):
+        masking.draw_mask(2, (2, 2), 0.5, rounding="floor")
+    with pytest.raises(ValueError, match="ratio"):
+        masking.draw_mask(2, (2, 2), 1.0)
+
+
+def test_draw_mask_draws_what_random_and_tube_masks_draw():
+    # the same random numbers as random_mask / tube_mask for the same count: seeded runs reproduce
+    a = masking.draw_mask(5, (6, 4), 0.25, generator=torch.Generator().manual_seed(3))
+    b = masking.random_mask(5, (6, 4), 0.25, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    tube = masking.draw_mask(3, (4, 5, 5), 0.6, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(tube, masking.tube_mask(3, (4, 5, 5), 0.6, generator=torch.Generator().manual_seed(4)))
+    assert (tube == tube[:, :1]).all() and (tube[:, 0].flatten(1).sum(1) == 15).all()
+    flat = masking.draw_mask(3, (4, 5, 5), 0.6, tube=False)
+    assert (flat.flatten(1).sum(1) == 60).all() and not (flat == flat[:, :1]).all()
+    # one spatial cell per frame: nothing to hide in a tube
+    assert not masking.draw_mask(2, (4, 1, 1), 0.9).any()

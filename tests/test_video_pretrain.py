@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import ssl_vit
 from launch import make_shards
+from launch.config import CONFIG_DIR
 from launch.data import ShardStream, check_shards, expand_shards
 from launch.errors import LaunchError
 
@@ -49,7 +50,9 @@ def clip_shards(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def common(clip_shards):
+    # the demo profile's small MAE decoder (the paper's 8 x 512 one triples the run time)
     return ["--objective", "mae", "--backbone", "vit_3d_tiny", "--data", str(clip_shards),
+            "--config", str(CONFIG_DIR / "profiles" / "demo" / "mae.yaml"),
             "--set", "data.batch_size=4", "--set", "data.image_size=32", "--set", "data.num_workers=1",
             "--set", "data.shuffle_buffer=8", "--set", "train.log_every=1", "--set", "train.checkpoint_every=2"]
 
@@ -115,7 +118,7 @@ def test_video_resume_gives_identical_weights(runs):
 
 def test_video_dino_through_the_launcher(clip_shards, tmp_path):
     out = tmp_path / "dino"
-    # backbone_size=tiny: the objective's small head and two local crops (tiny_overrides)
+    # backbone_size=tiny: the objective's small head and two local crops (configs/profiles/demo/dino.yaml)
     assert run(["--objective", "dino", "--backbone", "vivit_tiny", "--data", str(clip_shards), "--steps", "2",
                 "--out", str(out), "--set", "backbone_size=tiny", "--set", "data.batch_size=4",
                 "--set", "data.image_size=32", "--set", "data.num_workers=0", "--set", "data.frames=6",
