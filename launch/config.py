@@ -319,6 +319,8 @@ class DataConfig:
     train: str | None = key(str, nullable=True)
     val: str | None = key(str, nullable=True)
     image_size: int = key(int, min=1)
+    decode_size: int | None = key(int, min=1, nullable=True)
+    max_aspect: float = key(float, min=1)
     frames: int | None = key(int, min=1, nullable=True)
     frame_stride: int = key(int, min=1)
     view_size: int | None = key(int, min=1, nullable=True)

@@ -1,15 +1,32 @@
 """WebDataset streaming: shards -> uint8 image (or clip) batches, decoded and batched in CPU workers.
 
 A sample is `__key__`, an image (`jpg`, `png` or `webp`) and optionally `cls`. A batch is
-`{"image": uint8 (B, 3, S, S), "label": long (B,) (-1 without labels), "key": list[str],
-"skipped": (2,) long [worker, samples skipped so far by it]}`. Workers only decode and resize to the
-fixed canvas S x S (shorter side to S, centre crop); every random augmentation happens later on the
-accelerator (objectives.views).
+`{"image": uint8 (B, 3, S, S), "box": float (B, 4), "label": long (B,) (-1 without labels),
+"key": list[str], "skipped": long (2,), "faults": dict}`. Workers only decode and fit to the fixed
+canvas S x S (`image_size`); every random augmentation happens later on the accelerator
+(objectives.views.make_views, which draws its crops inside `batch["box"]`).
+
+Canvas (`launch.video.fit_canvas`): `decode_size=None` resizes the shorter side to S and keeps the
+centre square (evaluation: probes, pictures); `box` is then the whole canvas. `decode_size=D` (training,
+D <= S) keeps the aspect ratio so the random crops see the whole image, as RandomResizedCrop of the
+original does in DINO and MAE: a long side beyond `max_aspect` times the short one is centre-cropped to
+it, the image is resized bicubic so its shorter side is D (less when its longer side would pass S) and
+placed top-left on a zero canvas; `box` = (0, 0, w, h), its valid area in canvas pixels.
+
+Faults: `batch["skipped"]` = [part, samples this reader skipped so far]; `batch["faults"]` = {"part",
+"undecodable" (samples without a decodable image or clip), "unlabelled" (skipped for want of `cls`),
+"lost" (samples of truncated or unreadable shards, counted from the `manifest.json` next to the shards:
+launch.make_shards and launch.digits write one), "bad_shards" {url: what happened}}, all counted from the
+start of the stream. `SkipCounter` aggregates them; `SkipCounter.summary()` is the line to print.
+A reader whose shards hold no decodable sample raises DataStreamError, a LaunchError whose message stays
+one line when the DataLoader re-raises it from a worker (`iter_batches` turns it into a plain
+LaunchError).
 
 Video (`ShardStream(frames=T, frame_stride=s)`): a sample is a clip (`npy` or numbered frames, see
 launch.video); workers decode `T` frames `s` apart from a random start and the batch holds
-`"image": uint8 (B, 3, T, S, S)`. The start is drawn from an RNG seeded by (seed, epoch, part,
-position in the part's stream), so a resumed run samples the same frames as an uninterrupted one.
+`"image": uint8 (B, 3, T, S, S)` (the canvas layout of images, one box per clip). The start is drawn from
+an RNG seeded by (seed, epoch, part, position in the part's stream), so a resumed run samples the same
+frames as an uninterrupted one.
 
 Determinism, which exact resume relies on: the shard order of an epoch is a function of
 (seed, epoch) only; process `rank` of `world` with `W` workers reads part `rank * W + worker` of
@@ -21,22 +38,42 @@ stream is one number: the batches this process has consumed (`skip_batches` fast
 from __future__ import annotations
 
 import io
+import json
 import random
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 from .errors import LaunchError
-from .video import decode_clip, is_clip_member, is_clip_sample
+from .video import decode_clip_canvas, fit_canvas, is_clip_member, is_clip_sample
+
+__all__ = ["IMAGE_KEYS", "DataStreamError", "ShardStream", "SkipCounter", "check_shards", "decode_canvas",
+           "decode_image", "expand_shards", "iter_batches", "make_loader", "shard_sizes"]
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+class DataStreamError(LaunchError):
+    """A data reader that cannot go on (no decodable sample). The DataLoader re-raises a worker's error
+    as `type(err)(text with the worker's traceback)`; this class keeps only its own line of that text."""
+
+    def __init__(self, message: str) -> None:
+        text = str(message)
+        if "Original Traceback" in text:
+            lines = [line for line in text.splitlines() if f"{type(self).__name__}: " in line]
+            if lines:
+                text = lines[-1].split(f"{type(self).__name__}: ", 1)[1]
+        super().__init__(text)
+
+
+def _is_local(url: str) -> bool:
+    return not (url.startswith("pipe:") or "://" in url)
 
 
 def expand_shards(spec: str) -> list[str]:
@@ -50,7 +87,7 @@ def expand_shards(spec: str) -> list[str]:
         part = part.strip()
         if not part:
             continue
-        if part.startswith("pipe:") or "://" in part:
+        if not _is_local(part):
             urls.extend(expand_urls(part))
             continue
         path = Path(part)
@@ -75,7 +112,7 @@ def expand_shards(spec: str) -> list[str]:
 def check_shards(urls: list[str], limit: int = 3) -> str | None:
     """What the first local shards hold: "image", "video" (clips: `npy` or numbered frames) or None
     when no shard is local (pipe: / URLs are not opened). LaunchError when they hold neither."""
-    local = [u for u in urls if not (u.startswith("pipe:") or "://" in u)][:limit]
+    local = [u for u in urls if _is_local(u)][:limit]
     if not local:
         return None
     for url in local:
@@ -93,19 +130,40 @@ def check_shards(urls: list[str], limit: int = 3) -> str | None:
                       "frames); see python -m launch.make_shards")
 
 
-def decode_image(data: bytes, size: int) -> torch.Tensor:
-    """Image bytes -> uint8 (3, size, size): shorter side resized to `size`, centre crop."""
+def shard_sizes(urls: Iterable[str]) -> dict[str, int]:
+    """Samples per shard, for the local shards listed in a `manifest.json` next to them
+    (`{"shards": [{"name": ..., "samples": ...}, ...]}`, as launch.make_shards writes); others are absent."""
+    sizes: dict[str, int] = {}
+    manifests: dict[Path, dict[str, int]] = {}
+    for url in urls:
+        if not _is_local(url):
+            continue
+        folder = Path(url).parent
+        if folder not in manifests:
+            manifests[folder] = {}
+            try:
+                listed = json.loads((folder / "manifest.json").read_text()).get("shards") or []
+                manifests[folder] = {str(s["name"]): int(s["samples"]) for s in listed}
+            except (OSError, ValueError, TypeError, KeyError, AttributeError):
+                pass  # no manifest, or not one of ours: truncation is reported without a count
+        if Path(url).name in manifests[folder]:
+            sizes[url] = manifests[folder][Path(url).name]
+    return sizes
+
+
+def decode_canvas(data: bytes, size: int, decode_size: int | None = None,
+                  max_aspect: float = 2.0) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Image bytes -> (uint8 (3, size, size), valid area (w, h) at the top-left); see `fit_canvas`."""
     with Image.open(io.BytesIO(data)) as img:
-        img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when it is much larger
-        img = img.convert("RGB")
-        w, h = img.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-        array = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+        draft = decode_size or size
+        img.draft("RGB", (draft, draft))  # JPEG: decode at a reduced scale when it is much larger
+        array, area = fit_canvas(img, size, decode_size, max_aspect)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1), area
+
+
+def decode_image(data: bytes, size: int, decode_size: int | None = None, max_aspect: float = 2.0) -> torch.Tensor:
+    """Image bytes -> uint8 (3, size, size): by default the shorter side resized to `size`, centre crop."""
+    return decode_canvas(data, size, decode_size, max_aspect)[0]
 
 
 def _label(sample: dict) -> int | None:
@@ -113,6 +171,61 @@ def _label(sample: dict) -> int | None:
     if raw is None:
         return None
     return int(raw.decode().strip() if isinstance(raw, bytes) else raw)
+
+
+def _shard_name(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _shard_samples(url: str) -> Iterator[dict]:
+    """The samples of one shard; any read error propagates (the caller counts what it lost)."""
+    yield from group_by_keys(tar_file_expander(url_opener([{"url": url}]), eof_value=None))
+
+
+class _Faults:
+    """What one reader met so far: counts and bad shards."""
+
+    def __init__(self, part: int) -> None:
+        self.part = part
+        self.undecodable = self.unlabelled = self.lost = 0
+        self.bad: dict[str, str] = {}
+
+    @property
+    def skipped(self) -> int:
+        return self.undecodable + self.unlabelled + self.lost
+
+    def shard(self, url: str, read: int, expected: int | None, error: Exception | None, lost: int) -> None:
+        self.lost += lost
+        what = f"{_shard_name(url)} unreadable after sample {read}"
+        if expected is not None:
+            what += f" of {expected}"
+        if error is not None:
+            what += f" ({type(error).__name__})"
+        self.bad[url] = what
+
+    def as_dict(self) -> dict:
+        return {"part": self.part, "undecodable": self.undecodable, "unlabelled": self.unlabelled,
+                "lost": self.lost, "bad_shards": dict(self.bad)}
+
+
+def _describe(undecodable: int, unlabelled: int, lost: int, bad: dict[str, str]) -> str:
+    parts = []
+    if undecodable:
+        parts.append(f"{undecodable} undecodable sample{'s' * (undecodable != 1)}")
+    if unlabelled:
+        parts.append(f"{unlabelled} without a label")
+    if bad:
+        lost_text = f"{lost} lost in " if lost else ""
+        parts.append(f"{lost_text}{len(bad)} bad shard{'s' * (len(bad) != 1)}: "
+                     + "; ".join(bad[u] for u in sorted(bad)))
+    return ", ".join(parts) if parts else "none"
+
+
+def _share(start: int, stop: int, part: int, parts: int) -> int:
+    """How many of the stream positions [start, stop) fall to `part` when every reader takes every
+    parts-th sample."""
+    first = start + (part - start) % parts
+    return len(range(first, stop, parts))
 
 
 class ShardStream(IterableDataset):
@@ -123,38 +236,67 @@ class ShardStream(IterableDataset):
     need_labels=True skips (and counts) samples without a `cls`.
     frames: None reads images; a number reads clips of that many frames `frame_stride` apart (image
     samples are then skipped and counted, as clip samples are when reading images).
+    decode_size, max_aspect: the canvas layout (module docstring); None keeps the centre square.
     """
 
     def __init__(self, urls: list[str], *, batch_size: int, image_size: int, rank: int = 0, world: int = 1,
                  seed: int = 0, shuffle_buffer: int = 0, resampled: bool = False, infinite: bool = True,
                  need_labels: bool = False, skip_batches: int = 0, frames: int | None = None,
-                 frame_stride: int = 1) -> None:
+                 frame_stride: int = 1, decode_size: int | None = None, max_aspect: float = 2.0) -> None:
         super().__init__()
         if frames is not None and (frames < 1 or frame_stride < 1):
             raise LaunchError(f"data.frames and data.frame_stride must be at least 1, got {frames}, {frame_stride}")
+        if decode_size is not None and not 1 <= decode_size <= image_size:
+            raise LaunchError(f"data.decode_size must be between 1 and data.image_size ({image_size}), got "
+                              f"{decode_size}: the canvas must hold the decoded image")
+        if max_aspect < 1:
+            raise LaunchError(f"max_aspect must be at least 1, got {max_aspect}")
         self.urls, self.batch_size, self.image_size = list(urls), batch_size, image_size
         self.rank, self.world, self.seed = rank, world, seed
         self.shuffle_buffer, self.resampled, self.infinite = shuffle_buffer, resampled, infinite
         self.need_labels, self.skip_batches = need_labels, skip_batches
         self.frames, self.frame_stride = frames, frame_stride
+        self.decode_size, self.max_aspect = decode_size, max_aspect
+        self.expected = shard_sizes(self.urls)  # read here, once: workers get a copy
 
-    def _epoch_samples(self, epoch: int, part: int, parts: int, on_error) -> Iterator[dict]:
+    def _epoch_shards(self, epoch: int, part: int, parts: int) -> tuple[list[str], bool]:
+        """(shards this part reads in `epoch`, whether it splits them by samples with the other parts)."""
         if self.resampled:
             rng = random.Random(f"resample-{self.seed}-{epoch}-{part}")
-            shards = [rng.choice(self.urls) for _ in range(max(1, len(self.urls) // parts))]
-            split = None
-        else:
-            shards = list(self.urls)
-            random.Random(f"shards-{self.seed}-{epoch}").shuffle(shards)
-            split = None if len(shards) >= parts else (part, parts)
-            if split is None:
-                shards = shards[part::parts]
-        samples = wds.tarfile_samples([{"url": u} for u in shards], handler=on_error)
-        if split is not None:  # fewer shards than readers: every reader takes every parts-th sample
-            samples = (s for i, s in enumerate(samples) if i % split[1] == split[0])
+            return [rng.choice(self.urls) for _ in range(max(1, len(self.urls) // parts))], False
+        shards = list(self.urls)
+        random.Random(f"shards-{self.seed}-{epoch}").shuffle(shards)
+        if len(shards) >= parts:
+            return shards[part::parts], False
+        return shards, True  # fewer shards than readers: every reader takes every parts-th sample
+
+    def _epoch_samples(self, epoch: int, part: int, parts: int, faults: _Faults) -> Iterator[dict]:
+        shards, split = self._epoch_shards(epoch, part, parts)
+        samples = self._read(shards, part, parts if split else 1, faults)
         if self.shuffle_buffer > 1:
             samples = _shuffle(samples, self.shuffle_buffer, random.Random(f"shuffle-{self.seed}-{epoch}-{part}"))
         return samples
+
+    def _read(self, shards: list[str], part: int, parts: int, faults: _Faults) -> Iterator[dict]:
+        """The samples of `shards` in order (every parts-th one from `part` on); a shard that breaks off, or
+        holds fewer samples than its manifest says, is recorded in `faults` with the samples it lost."""
+        position = 0  # in the stream of all the shards' samples
+        for url in shards:
+            read, error = 0, None
+            try:
+                for sample in _shard_samples(url):
+                    if position % parts == part % parts:
+                        yield sample
+                    read += 1
+                    position += 1
+            except Exception as err:  # truncated, unreadable or missing shard: count what it lost, go on
+                error = err
+            expected = self.expected.get(url)
+            if error is None and (expected is None or read >= expected):
+                continue
+            missing = max(0, expected - read) if expected is not None else 0
+            lost = missing if parts == 1 else _share(position, position + missing, part, parts)
+            faults.shard(url, read, expected, error, lost)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -164,22 +306,23 @@ class ShardStream(IterableDataset):
         worker = (worker + self.skip_batches) % workers
         part, parts = self.rank * workers + worker, self.world * workers
         to_skip = len(range(worker, self.skip_batches, workers))  # batches this part already delivered
-        skipped = [0]
-
-        def on_error(err: Exception) -> bool:  # unreadable tar member or shard: count and go on
-            skipped[0] += 1
-            return True
+        faults = _Faults(part)
 
         epoch = 0
         while True:
-            batch: list[tuple[torch.Tensor, int, str]] = []
-            decoded = 0
-            for index, sample in enumerate(self._epoch_samples(epoch, part, parts, on_error)):
+            batch: list[tuple] = []
+            full: list[tuple] | None = None  # held until the next sample is read, so its faults are current
+            decoded = seen = 0
+            for index, sample in enumerate(self._epoch_samples(epoch, part, parts, faults)):
+                if full is not None:
+                    yield self._collate(full, faults)
+                    full = None
+                seen += 1
                 # skipped batches are decoded too (and draw their frames), so the stream stays aligned
                 rng = random.Random(f"clip-{self.seed}-{epoch}-{part}-{index}") if self.frames else None
                 item = self._decode(sample, rng)
-                if item is None:
-                    skipped[0] += 1
+                if isinstance(item, str):
+                    setattr(faults, item, getattr(faults, item) + 1)
                     continue
                 decoded += 1
                 batch.append(item)
@@ -187,46 +330,59 @@ class ShardStream(IterableDataset):
                     if to_skip > 0:
                         to_skip -= 1
                     else:
-                        yield self._collate(batch, part, skipped[0])
+                        full = batch
                     batch = []
+            if full is not None:  # the epoch is read to its end: every fault of it is counted
+                yield self._collate(full, faults)
+            if decoded == 0 and (self.infinite or seen or faults.bad):
+                self._fail(part, parts, seen, faults)
             if not self.infinite:
                 if batch and to_skip <= 0:
-                    yield self._collate(batch, part, skipped[0])
+                    yield self._collate(batch, faults)
                 return
-            if decoded == 0:
-                raise LaunchError(f"data part {part} of {parts}: no decodable samples in its shards "
-                                  f"({skipped[0]} skipped){' with labels' if self.need_labels else ''}")
             epoch += 1
 
-    def _decode(self, sample: dict, rng: random.Random | None = None) -> tuple[torch.Tensor, int, str] | None:
+    def _fail(self, part: int, parts: int, seen: int, faults: _Faults) -> None:
+        where = f"data part {part} of {parts}" if parts > 1 else "the data"
+        what = ("labelled " if self.need_labels else "") + ("clips" if self.frames else "images")
+        found = _describe(faults.undecodable, faults.unlabelled, faults.lost, faults.bad)
+        raise DataStreamError(f"no decodable samples ({what}) in {where}: {seen} read, faults: {found}; "
+                              "check the shards, or rebuild them with python -m launch.make_shards")
+
+    def _decode(self, sample: dict, rng: random.Random | None = None) -> tuple | str:
+        """(image, (w, h), label, key), or why the sample is skipped: "undecodable" or "unlabelled"."""
         if self.frames:
             if not is_clip_sample(sample):
-                return None
+                return "undecodable"
             data = None
         else:
             data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
             if data is None:
-                return None
+                return "undecodable"
         try:
             label = _label(sample)
             if data is None:
-                image = decode_clip(sample, frames=self.frames, stride=self.frame_stride, size=self.image_size,
-                                    rng=rng)
+                image, area = decode_clip_canvas(sample, frames=self.frames, stride=self.frame_stride,
+                                                 size=self.image_size, rng=rng, decode_size=self.decode_size,
+                                                 max_aspect=self.max_aspect)
             else:
-                image = decode_image(data, self.image_size)
+                image, area = decode_canvas(data, self.image_size, self.decode_size, self.max_aspect)
         except Exception:  # undecodable image, clip or label: skipped and counted, never a crash
-            return None
+            return "undecodable"
         if label is None:
             if self.need_labels:
-                return None
+                return "unlabelled"
             label = -1
-        return image, label, str(sample.get("__key__", ""))
+        return image, area, label, str(sample.get("__key__", ""))
 
     @staticmethod
-    def _collate(batch: list, part: int, skipped: int) -> dict:
-        images, labels, keys = zip(*batch)
-        return {"image": torch.stack(images), "label": torch.tensor(labels, dtype=torch.long), "key": list(keys),
-                "skipped": torch.tensor([part, skipped], dtype=torch.long)}
+    def _collate(batch: list, faults: _Faults) -> dict:
+        images, areas, labels, keys = zip(*batch)
+        box = torch.zeros(len(batch), 4)
+        box[:, 2:] = torch.tensor(areas, dtype=torch.float32)
+        return {"image": torch.stack(images), "box": box, "label": torch.tensor(labels, dtype=torch.long),
+                "key": list(keys), "skipped": torch.tensor([faults.part, faults.skipped], dtype=torch.long),
+                "faults": faults.as_dict()}
 
 
 def _shuffle(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
@@ -251,16 +407,58 @@ def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False,
                       generator=torch.Generator().manual_seed(seed))
 
 
+def iter_batches(loader: Iterable[dict]) -> Iterator[dict]:
+    """The batches of a loader; a reader's DataStreamError (from a worker or not) comes out as one plain
+    LaunchError line, without the worker traceback."""
+    try:
+        yield from loader
+    except DataStreamError as err:
+        raise LaunchError(str(err)) from None
+
+
 class SkipCounter:
-    """Sums the per-worker skip counts that batches carry: `update(batch)`, `total`."""
+    """Aggregates the fault counts that batches carry (`update(batch)`): `total` samples skipped,
+    `undecodable`, `unlabelled`, `lost`, `bad_shards` (URLs, sorted) and `summary()`, one line."""
 
     def __init__(self) -> None:
         self.by_part: dict[int, int] = {}
+        self.faults: dict[int, dict[str, int]] = {}
+        self.bad: dict[str, str] = {}
 
     def update(self, batch: dict) -> None:
         part, count = (int(v) for v in batch["skipped"])
         self.by_part[part] = max(count, self.by_part.get(part, 0))
+        faults = batch.get("faults")
+        if faults:  # counts from the start of each reader's stream: the largest seen is the latest
+            seen = self.faults.setdefault(int(faults["part"]), {})
+            for key in ("undecodable", "unlabelled", "lost"):
+                seen[key] = max(int(faults[key]), seen.get(key, 0))
+            self.bad.update(faults["bad_shards"])
+
+    def _sum(self, key: str) -> int:
+        return sum(f.get(key, 0) for f in self.faults.values())
 
     @property
     def total(self) -> int:
         return sum(self.by_part.values())
+
+    @property
+    def undecodable(self) -> int:
+        return self._sum("undecodable")
+
+    @property
+    def unlabelled(self) -> int:
+        return self._sum("unlabelled")
+
+    @property
+    def lost(self) -> int:
+        return self._sum("lost")
+
+    @property
+    def bad_shards(self) -> list[str]:
+        return sorted(self.bad)
+
+    def summary(self) -> str:
+        """"data faults: 3 undecodable samples, 54 lost in 1 bad shard: train-000003.tar unreadable after
+        sample 46 of 100 (ReadError)", or "data faults: none"."""
+        return "data faults: " + _describe(self.undecodable, self.unlabelled, self.lost, self.bad)

@@ -3,7 +3,8 @@
 1797 real 8x8 grey-level scans of handwritten digits (10 classes, UCI optdigits), shipped inside
 scikit-learn, so a run needs no download. Built on first use into a cache folder, with a fixed,
 stratified train/val split (85 % / 15 %), as 8 train shards and 2 val shards (enough shards for two
-processes with two workers each to read different ones).
+processes with two workers each to read different ones). `manifest.json` lists every shard with its
+sample count (`"shards"`), as launch.make_shards does, so the loader counts what a damaged shard lost.
 """
 
 from __future__ import annotations
@@ -38,13 +39,14 @@ def _png(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _write(folder: Path, prefix: str, images: np.ndarray, labels: np.ndarray, shards: int) -> str:
+def _write(folder: Path, prefix: str, images: np.ndarray, labels: np.ndarray, shards: int) -> tuple[str, list[dict]]:
+    """(brace pattern, [{"name", "samples"}, ...]) of the shards written."""
     per_shard = -(-len(images) // shards)
     writer = ShardWriter(folder, prefix, per_shard)
     for i, (pixels, label) in enumerate(zip(images, labels)):
         writer.write(f"{prefix}{i:05d}", {"png": _png(pixels), "cls": str(int(label)).encode()})
     writer.close()
-    return pattern(prefix, len(writer.shards))
+    return pattern(prefix, len(writer.shards)), writer.shards
 
 
 def digits_shards(cache: str | None = None) -> tuple[str, str]:
@@ -65,10 +67,11 @@ def digits_shards(cache: str | None = None) -> tuple[str, str]:
         train_idx, val_idx = np.sort(train_idx), np.sort(val_idx)
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{VERSION}-", dir=folder.parent))
-        train = _write(tmp, "train", digits.images[train_idx], digits.target[train_idx], TRAIN_SHARDS)
-        val = _write(tmp, "val", digits.images[val_idx], digits.target[val_idx], VAL_SHARDS)
+        train, train_shards = _write(tmp, "train", digits.images[train_idx], digits.target[train_idx], TRAIN_SHARDS)
+        val, val_shards = _write(tmp, "val", digits.images[val_idx], digits.target[val_idx], VAL_SHARDS)
         info = {"name": "sklearn digits", "train": train, "val": val, "train_samples": len(train_idx),
-                "val_samples": len(val_idx), "classes": [str(c) for c in range(10)], "num_classes": 10}
+                "val_samples": len(val_idx), "classes": [str(c) for c in range(10)], "num_classes": 10,
+                "shards": train_shards + val_shards}
         (tmp / "manifest.json").write_text(json.dumps(info, indent=1))
         try:
             os.rename(tmp, folder)

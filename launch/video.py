@@ -6,9 +6,11 @@ A clip sample in a shard is `__key__`, optionally `cls`, and either
     ordered by their number.
 
 `decode_clip` samples `frames` frames `stride` apart (random start with an rng, else the centre
-window), fits each to the fixed canvas exactly as `launch.data.decode_image` does (shorter side to
-`size`, bicubic, centre crop), repeats the last frame to pad short clips, and returns uint8
-(3, frames, size, size): per-sample video crops and colour work happen later, on the accelerator.
+window), fits each to the fixed canvas exactly as `launch.data.decode_image` does (`fit_canvas`: the
+centre square by default, or the whole frame on a padded canvas with `decode_size`), repeats the last
+frame to pad short clips, and returns uint8 (3, frames, size, size); `decode_clip_canvas` also returns
+the valid area (w, h) shared by every frame (the `batch["box"]` of a clip). Per-sample video crops and
+colour work happen later, on the accelerator.
 
 `write_clip_shards` turns a folder of clips (`.npy` files, or subfolders of numbered frame images;
 class subfolders become labels) into tar shards and a `manifest.json` in the format of
@@ -34,7 +36,8 @@ from PIL import Image
 from .errors import LaunchError
 
 __all__ = [
-    "ClipDecodeError", "FRAME_EXTS", "decode_clip", "is_clip_sample", "is_clip_member", "frame_keys",
+    "ClipDecodeError", "FRAME_EXTS", "decode_clip", "decode_clip_canvas", "fit_canvas", "is_clip_sample",
+    "is_clip_member", "frame_keys",
     "clip_indices", "list_clips", "clip_folder_samples", "write_clip_shards",
 ]
 
@@ -92,18 +95,41 @@ def clip_indices(length: int, frames: int, stride: int, rng: random.Random | Non
     return [min(start + i * stride, length - 1) for i in range(frames)]
 
 
-def _fit(img: Image.Image, size: int) -> np.ndarray:
-    """A PIL image -> uint8 (size, size, 3): shorter side to `size` (bicubic), centre crop,
-    the geometry of `launch.data.decode_image`."""
+def fit_canvas(img: Image.Image, size: int, decode_size: int | None = None,
+               max_aspect: float = 2.0) -> tuple[np.ndarray, tuple[int, int]]:
+    """A PIL image -> (uint8 (size, size, 3) canvas, valid area (w, h) at its top-left corner).
+
+    decode_size None: the shorter side resized to `size` (bicubic) and the centre square kept; the valid
+    area is the whole canvas. decode_size D (at most `size`): the aspect ratio is kept: a long side beyond
+    `max_aspect` times the short one is centre-cropped to it, the image is resized (bicubic, antialiased
+    when shrinking) so its shorter side is D, or less when its longer side would exceed `size`, and
+    placed top-left on a zero canvas.
+    """
     img = img.convert("RGB")
     w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if decode_size is None:
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+        return np.asarray(img, dtype=np.uint8), (size, size)
+    if max(w, h) > max_aspect * min(w, h):  # an extreme strip: keep its centre
+        if w > h:
+            keep = max(1, round(h * max_aspect))
+            img = img.crop(((w - keep) // 2, 0, (w - keep) // 2 + keep, h))
+        else:
+            keep = max(1, round(w * max_aspect))
+            img = img.crop((0, (h - keep) // 2, w, (h - keep) // 2 + keep))
+        w, h = img.size
+    scale = min(decode_size / min(w, h), size / max(w, h))
+    nw, nh = min(size, max(1, round(w * scale))), min(size, max(1, round(h * scale)))
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    return np.asarray(img, dtype=np.uint8)
+    canvas = np.zeros((size, size, 3), dtype=np.uint8)
+    canvas[:nh, :nw] = np.asarray(img, dtype=np.uint8)
+    return canvas, (nw, nh)
 
 
 def _to_rgb_frames(array: np.ndarray) -> np.ndarray:
@@ -130,20 +156,23 @@ def _load_npy(raw) -> np.ndarray:
         raise ClipDecodeError(f"undecodable npy clip: {type(err).__name__}: {err}") from None
 
 
-def _open_frame(raw, size: int) -> np.ndarray:
+def _open_frame(raw, size: int, decode_size: int | None, max_aspect: float) -> tuple[np.ndarray, tuple[int, int]]:
     if isinstance(raw, np.ndarray):
-        return _fit(Image.fromarray(_to_rgb_frames(raw[None])[0]), size)
+        return fit_canvas(Image.fromarray(_to_rgb_frames(raw[None])[0]), size, decode_size, max_aspect)
     try:
         with Image.open(io.BytesIO(raw)) as img:
-            img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when it is much larger
-            return _fit(img, size)
+            draft = decode_size or size
+            img.draft("RGB", (draft, draft))  # JPEG: decode at a reduced scale when it is much larger
+            return fit_canvas(img, size, decode_size, max_aspect)
     except Exception as err:  # truncated or corrupt image
         raise ClipDecodeError(f"undecodable frame: {type(err).__name__}: {err}") from None
 
 
-def decode_clip(sample: dict, *, frames: int, stride: int, size: int,
-                rng: random.Random | None = None) -> torch.Tensor:
-    """A clip sample -> uint8 (3, frames, size, size); see the module docstring.
+def decode_clip_canvas(sample: dict, *, frames: int, stride: int, size: int, rng: random.Random | None = None,
+                       decode_size: int | None = None,
+                       max_aspect: float = 2.0) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A clip sample -> (uint8 (3, frames, size, size), valid area (w, h) of every frame); see
+    `fit_canvas` for `decode_size` and `max_aspect`, the module docstring for the rest.
 
     Only the sampled frames are decoded. Raises ClipDecodeError (a ValueError) when the sample
     holds no clip or the clip cannot be decoded.
@@ -151,20 +180,28 @@ def decode_clip(sample: dict, *, frames: int, stride: int, size: int,
     if "npy" in sample:
         clip = _to_rgb_frames(_load_npy(sample["npy"]))
         idx = clip_indices(clip.shape[0], frames, stride, rng)
-        out = [_fit(Image.fromarray(clip[i]), size) for i in idx]
+        out = [fit_canvas(Image.fromarray(clip[i]), size, decode_size, max_aspect) for i in idx]
     else:
         keys = frame_keys(sample)
         if not keys:
             raise ClipDecodeError(f"sample {sample.get('__key__', '?')!r} holds no clip (no npy, no numbered frames)")
         idx = clip_indices(len(keys), frames, stride, rng)
-        decoded: dict[int, np.ndarray] = {}  # a repeated (padding) frame is decoded once
+        decoded: dict[int, tuple[np.ndarray, tuple[int, int]]] = {}  # a repeated (padding) frame is decoded once
         out = []
         for i in idx:
             if i not in decoded:
-                decoded[i] = _open_frame(sample[keys[i]], size)
+                decoded[i] = _open_frame(sample[keys[i]], size, decode_size, max_aspect)
             out.append(decoded[i])
-    video = torch.from_numpy(np.stack(out))  # (T, S, S, 3)
-    return video.permute(3, 0, 1, 2).contiguous()
+    video = torch.from_numpy(np.stack([frame for frame, _ in out]))  # (T, S, S, 3)
+    area = (min(a[0] for _, a in out), min(a[1] for _, a in out))  # frames of other sizes: the common part
+    return video.permute(3, 0, 1, 2).contiguous(), area
+
+
+def decode_clip(sample: dict, *, frames: int, stride: int, size: int, rng: random.Random | None = None,
+                decode_size: int | None = None, max_aspect: float = 2.0) -> torch.Tensor:
+    """A clip sample -> uint8 (3, frames, size, size); `decode_clip_canvas` without the valid area."""
+    return decode_clip_canvas(sample, frames=frames, stride=stride, size=size, rng=rng, decode_size=decode_size,
+                              max_aspect=max_aspect)[0]
 
 
 # ---- folders to shards -----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Launcher data: make_shards, the digits dataset, WebDataset streaming (splits, skips, fast-forward)."""
+"""Launcher data: make_shards, the digits dataset, WebDataset streaming (splits, skips, fast-forward),
+data faults (truncated shards, undecodable streams) and the canvas layout."""
 
 from __future__ import annotations
 
@@ -11,7 +12,17 @@ import pytest
 import torch
 from PIL import Image
 
-from launch.data import ShardStream, SkipCounter, check_shards, expand_shards, make_loader
+from launch.data import (
+    DataStreamError,
+    ShardStream,
+    SkipCounter,
+    check_shards,
+    decode_canvas,
+    decode_image,
+    expand_shards,
+    iter_batches,
+    make_loader,
+)
 from launch.digits import digits_shards
 from launch.errors import LaunchError
 from launch.make_shards import main as make_shards_main
@@ -154,3 +165,195 @@ def test_digits_dataset(tmp_path):
     labels = torch.cat([b["label"] for b in ShardStream(expand_shards(val), batch_size=64, image_size=32,
                                                         infinite=False)])
     assert len(labels) == manifest["val_samples"] and set(labels.tolist()) == set(range(10))
+
+
+# ---- faults: truncated shards, undecodable streams --------------------------------------------------
+@pytest.fixture()
+def three_shards(tmp_path):
+    """60 flat images in 3 shards of 20 (keys 00000000..00000059), with a manifest."""
+    root = tmp_path / "flat60"
+    root.mkdir()
+    for i in range(60):
+        (root / f"{i:02d}.png").write_bytes(_png(i, (6, 5)))
+    make_shards(root, tmp_path / "s60", shard_size=20)
+    return tmp_path / "s60"
+
+
+def _truncate(path, member):
+    """Cut the shard in the middle of member `member`'s data: a read error there. The sample before it
+    cannot be known complete (its members could go on), so `member - 1` samples are read."""
+    with tarfile.open(path) as tar:
+        info = tar.getmembers()[member]
+    path.write_bytes(path.read_bytes()[: info.offset_data + info.size // 2])
+
+
+def _run(stream, workers=0):
+    counter, keys = SkipCounter(), []
+    for batch in iter_batches(make_loader(stream, num_workers=workers)):
+        counter.update(batch)
+        keys.extend(batch["key"])
+    return counter, keys
+
+
+def test_truncated_shard_counts_the_samples_it_lost(three_shards):
+    bad = three_shards / "train-000001.tar"
+    _truncate(bad, 9)
+    urls = expand_shards(str(three_shards))
+    counter, keys = _run(ShardStream(urls, batch_size=7, image_size=8, infinite=False))
+    read_from_bad = sum(20 <= int(k) < 40 for k in keys)
+    assert read_from_bad == 8 and len(keys) == 48  # the other shards are read in full
+    assert counter.lost == 20 - read_from_bad and counter.total == counter.lost
+    assert counter.bad_shards == [str(bad)]
+    line = counter.summary()
+    assert "\n" not in line and f"{20 - read_from_bad} lost in 1 bad shard" in line
+    assert "train-000001.tar unreadable after sample 8 of 20 (ReadError)" in line
+    # two workers, and an infinite stream over three epochs: counted every epoch
+    counter, keys = _run(ShardStream(urls, batch_size=5, image_size=8, infinite=False), workers=2)
+    assert counter.lost == 20 - read_from_bad and len(keys) == 40 + read_from_bad
+    stream = ShardStream(urls, batch_size=5, image_size=8)
+    counter = SkipCounter()
+    for _, batch in zip(range(3 * ((40 + read_from_bad) // 5)), stream):  # three epochs
+        counter.update(batch)
+    assert counter.lost in (2 * (20 - read_from_bad), 3 * (20 - read_from_bad))
+
+
+def test_split_by_samples_shares_the_loss_exactly(three_shards):
+    bad = three_shards / "train-000000.tar"
+    _truncate(bad, 7)
+    totals, keys = 0, []
+    for rank in range(2):
+        counter, got = _run(ShardStream([str(bad)], batch_size=3, image_size=8, rank=rank, world=2, infinite=False))
+        totals += counter.lost
+        keys += got
+    assert len(keys) == 6 and totals == 14 and len(set(keys)) == 6
+
+
+def test_truncation_without_manifest_or_at_a_member_boundary(three_shards):
+    bad = three_shards / "train-000002.tar"
+    with tarfile.open(bad) as tar:
+        members = tar.getmembers()
+    cut = members[10].offset  # a clean end after 10 samples (one member each): no read error
+    bad.write_bytes(bad.read_bytes()[:cut])
+    counter, keys = _run(ShardStream([str(bad)], batch_size=4, image_size=8, infinite=False))
+    assert len(keys) == 10 and counter.lost == 10
+    assert "train-000002.tar unreadable after sample 10 of 20" in counter.summary()
+    (three_shards / "manifest.json").unlink()
+    _truncate(bad, 6)
+    counter, keys = _run(ShardStream([str(bad)], batch_size=4, image_size=8, infinite=False))
+    assert len(keys) == 5 and counter.lost == 0 and counter.bad_shards == [str(bad)]
+    assert counter.summary() == "data faults: 1 bad shard: train-000002.tar unreadable after sample 5 (ReadError)"
+
+
+def _garbage_shard(path, n=4):
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            info = tarfile.TarInfo(f"{i:04d}.png")
+            info.size = 7
+            tar.addfile(info, io.BytesIO(b"garbage"))
+
+
+def test_stream_without_a_decodable_sample_raises_one_line(tmp_path):
+    _garbage_shard(tmp_path / "bad-0.tar")
+    _garbage_shard(tmp_path / "bad-1.tar")
+    urls = [str(tmp_path / "bad-0.tar"), str(tmp_path / "bad-1.tar")]
+    for workers in (0, 2):
+        loader = make_loader(ShardStream(urls, batch_size=2, image_size=8), num_workers=workers)
+        with pytest.raises(LaunchError) as info:
+            next(iter_batches(loader))
+        text = str(info.value)
+        assert "\n" not in text and "Traceback" not in text and type(info.value) is LaunchError
+        assert "no decodable samples (images)" in text and "undecodable samples" in text
+        with pytest.raises(DataStreamError) as raw:  # without the wrapper: still one line
+            next(iter(make_loader(ShardStream(urls, batch_size=2, image_size=8), num_workers=workers)))
+        assert "\n" not in str(raw.value) and "no decodable samples (images)" in str(raw.value)
+    with pytest.raises(LaunchError, match=r"no decodable samples \(images\)"):  # a single pass too
+        list(ShardStream(urls, batch_size=2, image_size=8, infinite=False))
+
+
+def test_batches_carry_faults_and_boxes(tmp_path):
+    path = tmp_path / "mixed.tar"
+    with tarfile.open(path, "w") as tar:
+        for key, data in [("a", _png(1, (12, 6))), ("b", b"garbage"), ("c", _png(2, (6, 12)))]:
+            info = tarfile.TarInfo(f"{key}.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (batch,) = ShardStream([str(path)], batch_size=4, image_size=16, decode_size=8, infinite=False)
+    assert batch["faults"]["undecodable"] == 1 and batch["faults"]["bad_shards"] == {}
+    assert batch["box"].dtype == torch.float32 and batch["box"].tolist() == [[0, 0, 16, 8], [0, 0, 8, 16]]
+    (plain,) = ShardStream([str(path)], batch_size=4, image_size=16, infinite=False)
+    assert plain["box"].tolist() == [[0, 0, 16, 16]] * 2
+
+
+# ---- canvas layout -------------------------------------------------------------------------------
+def test_canvas_keeps_the_aspect_ratio_and_pads():
+    wide = np.random.default_rng(0).integers(1, 255, (10, 25, 3), dtype=np.uint8)  # 25 x 10
+    buf = io.BytesIO()
+    Image.fromarray(wide).save(buf, format="PNG")
+    image, area = decode_canvas(buf.getvalue(), 32, decode_size=12, max_aspect=2.5)
+    assert area == (30, 12) and image.shape == (3, 32, 32)  # shorter side 12, 2.5 : 1 within max_aspect 2.5
+    want = np.array(Image.fromarray(wide).resize((30, 12), Image.BICUBIC))
+    assert torch.equal(image[:, :12, :30], torch.from_numpy(want).permute(2, 0, 1))
+    assert image[:, 12:].eq(0).all() and image[:, :, 30:].eq(0).all()
+    image, area = decode_canvas(buf.getvalue(), 32, decode_size=12, max_aspect=2.0)
+    assert area == (24, 12)  # the centre 20 x 10 of the strip, scaled by 1.2
+    image, area = decode_canvas(buf.getvalue(), 20, decode_size=16, max_aspect=2.5)
+    assert area == (20, 8)  # the long side would pass the canvas: it sets the scale
+    old = decode_image(buf.getvalue(), 16)
+    centre = np.array(Image.fromarray(wide).resize((40, 16), Image.BICUBIC))[:, 12:28]  # the default layout
+    assert torch.equal(old, torch.from_numpy(centre).permute(2, 0, 1))
+    with pytest.raises(LaunchError, match="decode_size"):
+        ShardStream(["x.tar"], batch_size=1, image_size=16, decode_size=24)
+
+
+# ---- make_shards: bad input is one line, exit 2, nothing written ---------------------------------
+def _main_fails(capsys, argv, match):
+    assert make_shards_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and match in err[-1] and not any("Traceback" in e for e in err)
+
+
+def test_make_shards_bad_input(tmp_path, capsys, image_folder, monkeypatch):
+    out = tmp_path / "deep" / "out"
+    _main_fails(capsys, [str(tmp_path / "missing"), str(out)], "does not exist")
+    (tmp_path / "empty").mkdir()
+    _main_fails(capsys, [str(tmp_path / "empty"), str(out)], "no images")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.png").write_bytes(b"not a png")
+    _main_fails(capsys, [str(tmp_path / "junk"), str(out)], "no readable images")
+    (tmp_path / "a_file").write_text("x")
+    _main_fails(capsys, [str(image_folder), str(tmp_path / "a_file")], "is a file")
+    _main_fails(capsys, [str(image_folder), str(tmp_path / "a_file" / "sub")], "cannot write")
+    _main_fails(capsys, [str(tmp_path / "a_file"), str(out)], "is a file")
+    _main_fails(capsys, [str(image_folder), str(out), "--prefix", "../x"], "--prefix")
+    assert not (tmp_path / "deep").exists() and (tmp_path / "a_file").read_text() == "x"
+
+    # interrupted half-way: neither shards nor manifest are left, nor the folders it made
+    from launch import make_shards as module
+    calls = []
+
+    def encode(path):
+        calls.append(path)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real(path)
+
+    real = module.encode
+    monkeypatch.setattr(module, "encode", encode)
+    with pytest.raises(KeyboardInterrupt):
+        make_shards(image_folder, out, shard_size=2)
+    assert not (tmp_path / "deep").exists()
+    (out).mkdir(parents=True)
+    (out / "keep.txt").write_text("mine")
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        make_shards(image_folder, out, shard_size=2)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]  # what was there stays, nothing else
+
+
+def test_digits_manifest_lists_shard_sizes(tmp_path):
+    from launch.data import shard_sizes
+
+    train, val = digits_shards(str(tmp_path))
+    urls = expand_shards(train) + expand_shards(val)
+    sizes = shard_sizes(urls)
+    assert sorted(sizes) == sorted(urls) and sum(sizes.values()) == 1797

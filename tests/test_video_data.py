@@ -1,4 +1,5 @@
-"""Video data and CCT3D: clip folders to shards and back, frame sampling, padding, bad clips; CCT3D grids."""
+"""Video data and CCT3D: clip folders to shards and back, frame sampling, padding, bad clips, the canvas
+layout of clips; CCT3D grids."""
 
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ from PIL import Image
 
 import ssl_vit
 from backbones import CCT3D
-from launch.data import decode_image
+from launch.data import ShardStream, decode_canvas, decode_image
 from launch.errors import LaunchError
 from launch.video import (
     ClipDecodeError,
     clip_indices,
     decode_clip,
+    decode_clip_canvas,
     is_clip_member,
     is_clip_sample,
     list_clips,
@@ -208,3 +210,24 @@ def test_decoded_clips_feed_cct3d():
     m = CCT3D(**TINY)
     logits = m(batch.float() / 255)
     assert batch.shape == (2, 3, 4, 32, 32) and logits.shape == (2, 5)
+
+
+def test_clip_canvas_keeps_the_aspect_ratio_like_images(tmp_path):
+    """With decode_size, every frame is fitted as launch.data.decode_canvas fits an image; the batch box
+    is the valid area shared by the clip's frames."""
+    frames = np.random.default_rng(1).integers(0, 256, (5, 40, 48, 3), dtype=np.uint8)
+    video, area = decode_clip_canvas({"npy": npy(frames)}, frames=3, stride=2, size=32, decode_size=24)
+    image, image_area = decode_canvas(png(frames[0]), 32, decode_size=24)
+    assert area == image_area == (29, 24) and video.shape == (3, 3, 32, 32)
+    assert torch.equal(video[:, 0], image)  # centre window of 5 frames 2 apart: frames 0, 2, 4
+    assert video[:, :, 24:].eq(0).all() and video[:, :, :, 29:].eq(0).all()
+    assert torch.equal(decode_clip({"npy": npy(frames)}, frames=3, stride=2, size=32, decode_size=24), video)
+    out = tmp_path / "clips"
+    out.mkdir()
+    np.save(out / "a.npy", frames)
+    np.save(out / "b.npy", frames[:, :30])  # 48 x 30
+    write_clip_shards(out, tmp_path / "shards")
+    (batch,) = ShardStream([str(tmp_path / "shards" / "train-000000.tar")], batch_size=2, image_size=32, frames=2,
+                           decode_size=24, infinite=False)
+    assert batch["image"].shape == (2, 3, 2, 32, 32)
+    assert batch["box"].tolist() == [[0, 0, 29, 24], [0, 0, 32, 20]]  # 48 x 30: the long side sets the scale

@@ -21,19 +21,22 @@ def _devices(trainer: Any) -> list:
     return [trainer.accelerator.device] if trainer.accelerator.device.type == "cuda" else []
 
 
-def _stream(trainer: Any, urls: list[str], *, need_labels: bool) -> ShardStream:
+def _stream(trainer: Any, urls: list[str], *, need_labels: bool, training_canvas: bool = False) -> ShardStream:
+    """A finite stream of `urls`; `training_canvas`: decoded as for training (aspect kept, with boxes), else
+    the centre square that k-NN and probes read."""
     d = trainer.cfg.data
+    canvas = {"decode_size": d.decode_size or d.image_size, "max_aspect": d.max_aspect} if training_canvas else {}
     return ShardStream(urls, batch_size=d.batch_size, image_size=d.image_size,
                        rank=trainer.accelerator.process_index, world=trainer.world, seed=0, infinite=False,
-                       need_labels=need_labels, frames=trainer.frames, frame_stride=d.frame_stride)
+                       need_labels=need_labels, frames=trainer.frames, frame_stride=d.frame_stride, **canvas)
 
 
 def validation_loss(trainer: Any) -> float:
     """Mean objective loss over `train.val_batches` batches of the validation shards (every process reads
     its part), in eval mode."""
     acc, objective = trainer.accelerator, trainer.objective
-    loader = make_loader(_stream(trainer, trainer.plan.val_urls, need_labels=objective.needs_labels),
-                         min(1, trainer.cfg.data.num_workers))
+    loader = make_loader(_stream(trainer, trainer.plan.val_urls, need_labels=objective.needs_labels,
+                                 training_canvas=True), min(1, trainer.cfg.data.num_workers))
     total = torch.zeros(2, device=acc.device)
     objective.eval()
     with torch.random.fork_rng(devices=_devices(trainer)), torch.no_grad():
@@ -41,7 +44,8 @@ def validation_loss(trainer: Any) -> float:
         for i, batch in enumerate(loader):
             if i >= trainer.cfg.train.val_batches:
                 break
-            views = make_views(batch["image"].to(acc.device), trainer.specs, normalize=trainer.norm)
+            views = make_views(batch["image"].to(acc.device), trainer.specs, normalize=trainer.norm,
+                               boxes=batch["box"].to(acc.device))
             with acc.autocast():
                 labels = batch["label"].to(acc.device) if objective.needs_labels else None
                 loss = objective(views, labels=labels) if labels is not None else objective(views)
