@@ -1,12 +1,13 @@
 """DINO: self-distillation with no labels (Caron et al. 2021, "Emerging Properties in
 Self-Supervised Vision Transformers", arXiv:2104.14294).
 
-A student (backbone + DINO head) sees two global crops and N local crops; a teacher (an EMA copy of
-both, no gradients) sees the two global crops. The student's softmax over K prototypes (temperature
-0.1) is trained to match the teacher's centred, sharpened softmax (temperature warmed up from 0.04 to
-0.07) for every pair of different views. The centre is an EMA (momentum 0.9) of the teacher's mean
-output, the teacher momentum follows a cosine schedule 0.996 -> 1, and the prototype layer is frozen
-for the first epoch.
+A student (backbone + DINO head) sees two global crops and N local crops (10 by default); a teacher
+(an EMA copy of both, no gradients) sees the two global crops. The student's softmax over K
+prototypes (temperature 0.1) is trained to match the teacher's centred, sharpened softmax
+(temperature 0.04) for every pair of different views. The centre is an EMA (momentum 0.9) of the
+teacher's mean output, the teacher momentum follows a cosine schedule m0 -> 1 (m0 = 0.996 for runs of
+2500 steps or more, lower for shorter runs: `objectives.ema.run_scaled_momentum`), and the prototype
+layer is frozen for the first 1 % of the steps (DINO's first epoch of 100).
 
 Crops of the same size go through the backbone in one batch (one pass for the globals, one for the
 locals), and the loss over all view pairs is one vectorised expression. Video backbones get global and
@@ -26,7 +27,7 @@ from torch import nn
 
 from ssl_vit import Backbone, BackboneOutput, Objective, ViewSpec, register_objective
 
-from .ema import cosine_schedule, ema_update_, frozen_copy, linear_warmup
+from .ema import cosine_schedule, ema_update_, frozen_copy, linear_warmup, run_scaled_momentum
 from .heads import DINOHead
 from .views import make_views
 
@@ -72,6 +73,27 @@ def update_center_(center: torch.Tensor, teacher_logits: torch.Tensor, momentum:
         dist.all_reduce(batch_center)
         count *= dist.get_world_size()
     center.mul_(momentum).add_(batch_center / count, alpha=1.0 - momentum)
+
+
+@torch.no_grad()
+def teacher_collapse_stats(teacher_logits: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+    """The collapse monitor of DINO's targets (Caron et al. 2021, Sec. 5.3 "Avoiding collapse").
+
+    teacher_logits (..., K), center (K,). With q = softmax((t - c) / teacher_temp) per row and q_bar the
+    mean of q over all rows, returns a float tensor (2,) in nats:
+    [mean_rows H(q), KL(q_bar || uniform) = ln K - H(q_bar)].
+    Collapse to a uniform output drives the first to ln K (every target uniform); collapse to one
+    prototype drives the second to ln K (every target the same one-hot), with the first near 0. Learning
+    targets are sharp (the first well below ln K) and spread over the prototypes (the second well below
+    ln K). Computed on this process's rows.
+    """
+    k = teacher_logits.shape[-1]
+    log_q = F.log_softmax((teacher_logits.detach().reshape(-1, k).float() - center.float()) / teacher_temp, dim=-1)
+    q = log_q.exp()                                                                            # (N, K)
+    entropy = -(q * log_q).sum(-1).mean()
+    q_bar = q.mean(0)
+    kl = (q_bar * (q_bar.clamp_min(1e-30).log() + math.log(k))).sum()
+    return torch.stack([entropy, kl])
 
 
 def scaled_size(size: Sequence[int], numerator: int, denominator: int, multiple: int) -> tuple[int, ...]:
@@ -130,32 +152,35 @@ class Dino(Objective):
     Seed arguments (vit-pytorch's `Dino`) keep their names; the values are DINO's unless given:
     `projection_hidden_size` the head's hidden width (2048), `projection_layers` linear layers of the
     head counting the prototype layer (4: a 3-layer MLP + prototypes), `num_classes_K` prototypes
-    (65536), `student_temp` 0.1, `teacher_temp` the temperature the warm-up starts from (0.04,
-    reaching `teacher_temp_final` 0.07 after `warmup_teacher_temp_steps`, default 30% of training),
-    `moving_average_decay` the teacher momentum at step 0 (0.996, cosine to `final_momentum` 1),
-    `center_moving_average_decay` 0.9, crop scales (0.4, 1) and (0.05, `local_upper_crop_scale`).
-    `hidden_layer` is accepted and ignored: features come from `forward_features(...).pooled`.
-    `augment_fn`/`augment_fn2`, if given, are applied to the batch before the crops of global view 1
-    (and the local crops) / global view 2, on top of DINO's recipe. `photometric_augment=False` keeps
-    the crops and flips only; `head_init_std` see `DINOHead.init_std`.
+    (65536), `student_temp` 0.1, `teacher_temp` the temperature the warm-up starts from (0.04; it ends at
+    `teacher_temp_final`, 0.04 too, after `warmup_teacher_temp_steps`, default 30 % of training),
+    `moving_average_decay` the teacher momentum at step 0 of a long run (0.996, cosine to
+    `final_momentum` 1), `center_moving_average_decay` 0.9, crop scales (0.4, 1) and
+    (0.05, `local_upper_crop_scale`). `hidden_layer` is accepted and ignored: features come from
+    `forward_features(...).pooled`. `augment_fn`/`augment_fn2`, if given, are applied to the batch
+    before the crops of global view 1 (and the local crops) / global view 2, on top of DINO's recipe.
+    `photometric_augment=False` keeps the crops and flips only; `head_init_std` see `DINOHead.init_std`.
 
-    `tiny_overrides` (the launcher's tiny presets, i.e. the demo: a few hundred steps on the grey 8x8
-    digits at 32 px) scale DINO down without letting it collapse. With DINO's full-size settings there,
-    the student's outputs become the same for every image within ~20 steps and the loss climbs to
-    ln(K) (uniform targets) because: colour jitter, blur and solarize on grey digits are what a random
-    teacher's output mostly encodes, so its targets are unpredictable from another view and the cheapest
-    fit is a constant; a 64-wide head at DINO's 0.02 init carries almost no per-sample signal; the
-    0.996 teacher momentum barely moves the teacher in 300 steps; the warm-up to a 0.07 teacher
-    temperature makes the targets near uniform; local crops of 5-40% of an 8x8 digit hold no digit.
-    Hence: crops and flips only, milder global crops (0.8-1: the digits fill the frame), no local crops
-    (DINO's 2-view setting), width-scaled head init, momentum 0.99, teacher temperature 0.04 throughout
-    (the reference implementation's default).
+    Schedules are functions of (step, total_steps), so one recipe serves a 68-step run and a
+    125 k-step one:
+    - teacher momentum: cosine from m0 to 1, m0 = `run_scaled_momentum(moving_average_decay, total,
+      ema_time_fraction)`: DINO's 0.996 for runs of 2500 steps and more, lower for shorter ones so that
+      the EMA's time constant is at most 10 % of the run (`ema_time_fraction=None`: 0.996 always).
+      The teacher is what gets exported, and a teacher left near its random initialisation gives the
+      random network's targets: on images whose random features barely differ (grey digits: the
+      per-image part is ~10 % of the pooled feature) centring turns those into uniform ones.
+    - teacher temperature: 0.04 throughout, the reference code's default (`--teacher_temp 0.04`,
+      no warm-up); DINO's longer ViT-S runs warm up to 0.07 over 30 % of training
+      (`teacher_temp_final=0.07`).
+    - prototype layer frozen for `freeze_last_layer_steps` (default: 1 % of the run, DINO's first
+      epoch of 100, at least one step).
+
+    `self.metrics` holds every step: loss, teacher_temp, momentum and the collapse monitor
+    `teacher_entropy` / `kl_to_uniform` (`teacher_collapse_stats`); `collapse_loss()` is ln K, the loss
+    of a uniform output.
     """
 
     requires = (frozenset(),)
-    tiny_overrides = dict(image_size=None, num_classes_K=256, projection_hidden_size=64, bottleneck_dim=32,
-                          num_local_crops=0, head_init_std=None, photometric_augment=False,
-                          global_lower_crop_scale=0.8, moving_average_decay=0.99, teacher_temp_final=0.04)
     num_global_crops = 2
 
     def __init__(
@@ -175,13 +200,14 @@ class Dino(Objective):
         augment_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
         augment_fn2: Callable[[torch.Tensor], torch.Tensor] | None = None,
         *,
-        num_local_crops: int = 6,
+        num_local_crops: int = 10,
         local_crop_size: int | Sequence[int] | None = None,
         bottleneck_dim: int = 256,
         norm_last_layer: bool = True,
-        teacher_temp_final: float = 0.07,
+        teacher_temp_final: float = 0.04,
         warmup_teacher_temp_steps: int | None = None,
         final_momentum: float = 1.0,
+        ema_time_fraction: float | None = 0.1,
         freeze_last_layer_steps: int | None = None,
         head_init_std: float | None = 0.02,
         photometric_augment: bool = True,
@@ -227,6 +253,7 @@ class Dino(Objective):
         self.teacher_temp_start, self.teacher_temp_final = teacher_temp, teacher_temp_final
         self.warmup_teacher_temp_steps = warmup_teacher_temp_steps
         self.base_momentum, self.final_momentum = moving_average_decay, final_momentum
+        self.ema_time_fraction = ema_time_fraction
         self.center_momentum = center_moving_average_decay
         self.freeze_last_layer_steps = freeze_last_layer_steps
         # schedule state: a buffer so checkpoints resume it, mirrored in Python to avoid device syncs
@@ -281,18 +308,36 @@ class Dino(Objective):
         with torch.no_grad():
             teacher = encode_views(self.teacher_backbone, views[:g])
         loss, metrics = self.compute_loss(student, teacher, views[0].shape[0])
-        self.metrics = {"loss": float(loss.detach()), "teacher_temp": self.teacher_temp,
-                        "momentum": self.momentum, **metrics}
+        names = ["loss", *metrics]
+        values = torch.stack([loss.detach().float(), *(m.float() for m in metrics.values())]).tolist()  # one sync
+        self.metrics = {**dict(zip(names, values)), "teacher_temp": self.teacher_temp, "momentum": self.momentum}
         return loss
 
     def compute_loss(self, student: list[tuple[int, BackboneOutput]], teacher: list[tuple[int, BackboneOutput]],
-                     batch: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss from the grouped backbone outputs of the student (all views) and teacher (globals)."""
+                     batch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss and 0-d metric tensors from the grouped backbone outputs of the student (all views) and
+        teacher (globals)."""
         s_logits, t_logits = self.view_logits(student, teacher, batch)
         loss = dino_loss(s_logits, t_logits, self.center, self.student_temp, self.teacher_temp)
+        metrics = self.collapse_metrics(t_logits, self.center)
         if self.training:
             update_center_(self.center, t_logits, self.center_momentum)
-        return loss, {}
+        return loss, metrics
+
+    def collapse_metrics(self, t_logits: torch.Tensor, center: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`teacher_entropy` and `kl_to_uniform` of the targets made from t_logits (..., K) and center (K,)."""
+        entropy, kl = teacher_collapse_stats(t_logits, center, self.teacher_temp)
+        return {"teacher_entropy": entropy, "kl_to_uniform": kl}
+
+    def collapse_loss(self) -> float:
+        """ln K: the loss when student and teacher outputs are uniform over the K prototypes."""
+        return math.log(self.num_prototypes)
+
+    def no_weight_decay(self) -> set[str]:
+        """DINO's parameter groups (`utils.get_params_groups` of the reference code): only biases and 1-d
+        parameters (norm scales, the weight-norm gain) are exempt; positional embeddings and class or
+        register tokens are decayed like weights."""
+        return {n for n, p in self.named_parameters() if p.ndim <= 1 or n.endswith(".bias")}
 
     def view_logits(self, student, teacher, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Student (V, B, K) and teacher (G, B, K) prototype logits of the pooled features."""
@@ -324,7 +369,8 @@ class Dino(Objective):
         return linear_warmup(step, warmup, self.teacher_temp_start, self.teacher_temp_final)
 
     def momentum_at(self, step: int, total_steps: int) -> float:
-        return cosine_schedule(step, total_steps, self.base_momentum, self.final_momentum)
+        start = run_scaled_momentum(self.base_momentum, total_steps, self.ema_time_fraction)
+        return cosine_schedule(step, total_steps, start, self.final_momentum)
 
     def update_moving_average(self) -> None:
         """One EMA step of the teacher (backbone and heads) at the current momentum (seed name)."""

@@ -63,10 +63,10 @@ def match_regions(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor) ->
 class EsViTTrainer(Dino):
     """EsViT over any backbone (DINO's arguments, views and schedules; see `Dino`).
 
-    The region head is a second DINO head applied to every patch token, with its own centre.
+    The region head is a second DINO head applied to every patch token, with its own centre. The
+    collapse monitor (`teacher_entropy`, `kl_to_uniform`) watches the view-level targets; the loss of a
+    collapsed run is ln K for both terms, so `collapse_loss()` is ln K as for DINO.
     """
-
-    tiny_overrides = dict(Dino.tiny_overrides)
 
     def build_extra_heads(self, dim: int, k: int, hidden: int, bottleneck: int, nlayers: int, norm_last: bool) -> None:
         self.region_head = DINOHead(dim, k, hidden, bottleneck, nlayers=nlayers, norm_last_layer=norm_last,
@@ -80,9 +80,10 @@ class EsViTTrainer(Dino):
         return [self.head.last_layer, self.region_head.last_layer]
 
     def compute_loss(self, student: list[tuple[int, BackboneOutput]], teacher: list[tuple[int, BackboneOutput]],
-                     batch: int) -> tuple[torch.Tensor, dict[str, float]]:
+                     batch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         s_logits, t_logits = self.view_logits(student, teacher, batch)
         view_loss = dino_loss(s_logits, t_logits, self.center, self.student_temp, self.teacher_temp)
+        metrics = self.collapse_metrics(t_logits, self.center)  # the view-level targets
         region_loss, t_proj = self.region_loss(student, teacher, batch)
         if self.training:
             update_center_(self.center, t_logits, self.center_momentum)
@@ -90,7 +91,7 @@ class EsViTTrainer(Dino):
                 mean_logits = self.teacher["region_head"].last_layer(t_proj.flatten(0, -2).mean(0, keepdim=True))
             update_center_(self.region_center, mean_logits, self.center_momentum)
         loss = 0.5 * view_loss + 0.5 * region_loss
-        return loss, {"view_loss": float(view_loss.detach()), "region_loss": float(region_loss.detach())}
+        return loss, {"view_loss": view_loss.detach(), "region_loss": region_loss.detach(), **metrics}
 
     def region_loss(self, student, teacher, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean over view pairs of the matched-token cross-entropy; also the teacher's bottleneck

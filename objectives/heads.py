@@ -52,11 +52,10 @@ class DINOHead(nn.Module):
     weight-normalised `last_layer`. DINO: nlayers=3, hidden 2048, bottleneck 256, K=65536.
     `project` and `last_layer` are separate so a loss can recompute the last layer in chunks.
 
-    init_std: the MLP weights' truncated-normal std; DINO's 0.02 keeps about unit gain per layer at its
-    2048-wide layers. None: 1 / sqrt(fan_in) per layer, the same gain at any width. A narrow head (the
-    tiny presets' 64 wide) initialised at 0.02 shrinks the per-sample signal about 6x per layer, so its
-    output is nearly the same vector for every image (plus the biases), and the student collapses onto
-    that constant in its first steps.
+    init_std: the MLP weights' truncated-normal std (DINO's 0.02, `DINOHead._init_weights`); None:
+    1 / sqrt(fan_in) per layer, the same gain at any width. With zero biases the gain scales the
+    bottleneck vector as a whole, so after the l2 normalisation it changes the initial outputs little;
+    how much they differ between images is set by the backbone's features.
     """
 
     def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,

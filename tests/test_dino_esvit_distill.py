@@ -17,16 +17,19 @@ from torch import nn
 
 import ssl_vit
 from backbones import ViT
+from launch.config import profile_objective_args
 from objectives import Dino, DistillWrapper, EsViTTrainer
 from objectives import esvit as esvit_module
-from objectives.dino import dino_loss
-from objectives.ema import cosine_schedule, ema_update_
+from objectives.dino import dino_loss, teacher_collapse_stats
+from objectives.ema import cosine_schedule, ema_update_, run_scaled_momentum
 from objectives.views import make_views
 
-# A small head (the tiny presets' sizes) with DINO's own recipe otherwise: these tests check DINO's defaults
-# (the tiny presets also change the schedules and views for the short demo runs).
-TINY = {k: Dino.tiny_overrides[k] for k in ("image_size", "num_classes_K", "projection_hidden_size",
-                                           "bottleneck_dim")} | {"num_local_crops": 2}
+# The demo profile's objective settings (configs/profiles/demo/<objective>.yaml).
+DEMO_DINO = profile_objective_args("demo", "dino")
+DEMO_ESVIT = profile_objective_args("demo", "esvit")
+# The demo's small head with DINO's own recipe otherwise, and two local crops to keep the tests fast.
+TINY = {k: DEMO_DINO[k] for k in ("image_size", "num_classes_K", "projection_hidden_size",
+                                  "bottleneck_dim")} | {"num_local_crops": 2}
 
 
 def tiny_vit(**kw) -> ViT:
@@ -98,8 +101,10 @@ def test_dino_defaults_and_seed_arguments():
     d = Dino(tiny_vit(image_size=224, patch_size=16), num_classes_K=64, projection_hidden_size=32)
     assert d.global_size == (224, 224) and d.local_size == (96, 96)
     assert d.student_temp == 0.1 and d.teacher_temp == 0.04 and d.base_momentum == 0.996
+    assert d.teacher_temp_final == 0.04 and d.center_momentum == 0.9 and d.ema_time_fraction == 0.1
+    assert d.collapse_loss() == pytest.approx(math.log(64))
     specs = d.view_specs()
-    assert [s.count for s in specs] == [1, 1, 6]
+    assert [s.count for s in specs] == [1, 1, 10]
     assert specs[0].scale == (0.4, 1.0) and specs[2].scale == (0.05, 0.4)
     assert (specs[0].blur, specs[1].blur, specs[2].blur) == (1.0, 0.1, 0.5)
     assert (specs[0].solarize, specs[1].solarize, specs[2].solarize) == (0.0, 0.2, 0.0)
@@ -134,24 +139,38 @@ def test_views_local_size_and_per_sample_parameters():
 
 def test_ema_schedule_is_cosine_from_0996_to_1():
     d = Dino(tiny_vit(), **TINY)
-    total = 101
+    total = 10001  # long enough for DINO's own 0.996
     assert d.momentum_at(0, total) == pytest.approx(0.996)
     assert d.momentum_at(total - 1, total) == pytest.approx(1.0)
-    assert d.momentum_at(50, total) == pytest.approx(0.998)
-    t = 20 / (total - 1)
-    assert d.momentum_at(20, total) == pytest.approx(1 - 0.004 * (math.cos(math.pi * t) + 1) / 2)
+    assert d.momentum_at(5000, total) == pytest.approx(0.998)
+    t = 2000 / (total - 1)
+    assert d.momentum_at(2000, total) == pytest.approx(1 - 0.004 * (math.cos(math.pi * t) + 1) / 2)
     assert cosine_schedule(5, 1, 0.996, 1.0) == 1.0
 
 
+def test_short_runs_start_the_teacher_momentum_lower():
+    # the EMA time constant 1 / (1 - m0) is at most a tenth of the run; DINO's 0.996 from 2500 steps on
+    assert run_scaled_momentum(0.996, 2500, 0.1) == pytest.approx(0.996)
+    assert run_scaled_momentum(0.996, 125_000, 0.1) == pytest.approx(0.996)
+    assert run_scaled_momentum(0.996, 300, 0.1) == pytest.approx(1 - 1 / 30)
+    assert run_scaled_momentum(0.996, 68, 0.1) == pytest.approx(1 - 1 / 6.8)
+    assert run_scaled_momentum(0.996, 5, 0.1) == 0.0 and run_scaled_momentum(0.996, 68, None) == 0.996
+    d = Dino(tiny_vit(), **TINY)
+    assert d.momentum_at(0, 300) == pytest.approx(1 - 1 / 30) and d.momentum_at(299, 300) == pytest.approx(1.0)
+    fixed = Dino(tiny_vit(), **TINY, ema_time_fraction=None)
+    assert fixed.momentum_at(0, 300) == pytest.approx(0.996)
+
+
 def test_teacher_temperature_warmup():
-    d = Dino(tiny_vit(), **TINY, warmup_teacher_temp_steps=10)
+    assert Dino(tiny_vit(), **TINY).teacher_temp_at(50, 100) == pytest.approx(0.04)  # default: 0.04 throughout
+    d = Dino(tiny_vit(), **TINY, teacher_temp_final=0.07, warmup_teacher_temp_steps=10)
     assert d.teacher_temp == pytest.approx(0.04)
     assert d.teacher_temp_at(5, 100) == pytest.approx(0.055)
     assert d.teacher_temp_at(10, 100) == pytest.approx(0.07)
     assert d.teacher_temp_at(50, 100) == pytest.approx(0.07)
     d.on_step_end(4, 100)
     assert d.teacher_temp == pytest.approx(0.055)  # the temperature of the next step
-    default = Dino(tiny_vit(), **TINY)  # default warm-up: 30% of training
+    default = Dino(tiny_vit(), **TINY, teacher_temp_final=0.07)  # default warm-up: 30% of training
     assert default.teacher_temp_at(15, 100) == pytest.approx(0.055)
 
 
@@ -233,7 +252,7 @@ def test_on_step_end_moves_teacher_towards_student():
         for p in d.head.parameters():
             p.add_(1.0)
     t_before = [p.clone() for p in d.teacher["head"].parameters()]
-    d.on_step_end(0, 10)
+    d.on_step_end(0, 10_000)
     m = 0.996
     for t0, t1, s in zip(t_before, d.teacher["head"].parameters(), d.head.parameters()):
         torch.testing.assert_close(t1, m * t0 + (1 - m) * s)
@@ -261,7 +280,7 @@ def test_esvit_matches_reference(name, chunk, monkeypatch):
     if chunk is not None:  # forces the chunked, checkpointed path
         monkeypatch.setattr(esvit_module, "_CHUNK_ELEMENTS", chunk)
     torch.manual_seed(0)
-    e = EsViTTrainer(ssl_vit.create_backbone(name), **EsViTTrainer.tiny_overrides).eval()
+    e = EsViTTrainer(ssl_vit.create_backbone(name), **DEMO_ESVIT).eval()
     e.center.normal_()
     e.region_center.normal_()
     views = make_views(images(2, 64), e.view_specs(), generator=torch.Generator().manual_seed(1))
@@ -281,7 +300,7 @@ def test_esvit_matches_reference(name, chunk, monkeypatch):
 
 
 def test_esvit_region_center_update():
-    e = EsViTTrainer(tiny_vit(), **EsViTTrainer.tiny_overrides).train()
+    e = EsViTTrainer(tiny_vit(), **DEMO_ESVIT).train()
     views = make_views(images(2), e.view_specs(), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         t = e.teacher["region_head"](e.teacher_backbone.forward_features(torch.cat(views[:2])).patch_tokens)
@@ -350,17 +369,71 @@ def test_distillation_grads_labels_and_fallback():
 
 
 def test_on_resume_resyncs_schedules():
-    d = Dino(tiny_vit(), **TINY)
+    d = Dino(tiny_vit(), **TINY, teacher_temp_final=0.07)
     d.on_resume(50, 100)  # the launcher's call after loading a step-50 checkpoint of a 100-step run
     assert d._next_step == 50 and int(d.next_step) == 50
     assert d.teacher_temp == pytest.approx(d.teacher_temp_at(50, 100)) and d.teacher_temp > d.teacher_temp_start
     assert d.momentum == pytest.approx(d.momentum_at(49, 100))
 
 
-def test_tiny_overrides_keep_crops_and_flips_only():
-    d = Dino(tiny_vit(), **Dino.tiny_overrides)
-    specs = d.view_specs()
-    assert [s.name for s in specs] == ["global_1", "global_2"] and all(s.scale == (0.8, 1.0) for s in specs)
-    assert all(s.color_jitter == s.grayscale == s.blur == s.solarize == 0 and s.hflip == 0.5 for s in specs)
-    full = Dino(tiny_vit(), **TINY).view_specs()  # DINO's own recipe keeps its photometric augmentations
-    assert full[0].blur == 1.0 and full[1].solarize == 0.2 and full[0].color_jitter == 0.8
+def test_demo_profile_keeps_dinos_crops_and_augmentations():
+    """The demo profile only shrinks DINO (head, prototypes, local crop count): its views keep the local
+    crops and the photometric recipe, and the schedules are DINO's defaults."""
+    assert not {"photometric_augment", "global_lower_crop_scale", "moving_average_decay", "teacher_temp_final",
+                "head_init_std"} & set(DEMO_DINO)
+    for cls, args in ((Dino, DEMO_DINO), (EsViTTrainer, DEMO_ESVIT)):
+        d = cls(tiny_vit(), **args)
+        specs = d.view_specs()
+        assert [s.name for s in specs] == ["global_1", "global_2", "local"] and specs[2].count >= 2
+        assert specs[0].scale == (0.4, 1.0) and specs[2].scale == (0.05, 0.4)
+        assert specs[0].blur == 1.0 and specs[1].solarize == 0.2 and specs[0].color_jitter == 0.8
+        assert specs[2].grayscale == 0.2 and all(s.hflip == 0.5 for s in specs)
+        assert d.num_prototypes < 65536 and d.global_size == (32, 32)
+
+
+def test_collapse_monitor_separates_uniform_and_one_prototype_collapse():
+    k = 50
+    ln_k = math.log(k)
+    uniform = teacher_collapse_stats(torch.zeros(2, 8, k), torch.zeros(k), 0.04)
+    torch.testing.assert_close(uniform, torch.tensor([ln_k, 0.0]), atol=1e-5, rtol=0)
+    one = torch.zeros(2, 8, k)
+    one[..., 3] = 10.0  # every target on prototype 3
+    entropy, kl = teacher_collapse_stats(one, torch.zeros(k), 0.04).tolist()
+    assert entropy < 1e-3 and kl == pytest.approx(ln_k, abs=1e-3)
+    spread = torch.full((1, k, k), -10.0)
+    spread[0, torch.arange(k), torch.arange(k)] = 10.0  # sharp targets, one prototype each
+    entropy, kl = teacher_collapse_stats(spread, torch.zeros(k), 0.04).tolist()
+    assert entropy < 1e-3 and kl < 1e-3
+    q = torch.softmax((spread - 1.0) / 0.5, -1)  # the centre and temperature enter as in the loss
+    want = -(q * q.log()).sum(-1).mean()
+    torch.testing.assert_close(teacher_collapse_stats(spread, torch.ones(k), 0.5)[0], want)
+
+
+def test_metrics_hold_the_collapse_monitor_every_step():
+    for cls in (Dino, EsViTTrainer):
+        d = cls(tiny_vit(), **TINY).train()
+        views = make_views(images(2), d.view_specs(), generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            t = d.teacher["head"](d.teacher_backbone.forward_features(torch.cat(views[:2])).pooled)
+        center = d.center.clone()
+        d(views)
+        assert {"loss", "teacher_entropy", "kl_to_uniform", "teacher_temp", "momentum"} <= set(d.metrics)
+        assert all(isinstance(v, float) for v in d.metrics.values())
+        want = teacher_collapse_stats(t, center, d.teacher_temp).tolist()
+        assert [d.metrics["teacher_entropy"], d.metrics["kl_to_uniform"]] == pytest.approx(want, rel=1e-4, abs=1e-5)
+        assert d.collapse_loss() == pytest.approx(math.log(d.num_prototypes))
+
+
+def test_weight_decay_groups_follow_dino():
+    """Only biases and 1-d parameters are exempt (DINO's get_params_groups): positions and the class
+    token are decayed."""
+    d = Dino(tiny_vit(), **TINY)
+    skip = d.no_weight_decay()
+    names = dict(d.named_parameters())
+    assert skip == {n for n, p in names.items() if p.ndim <= 1 or n.endswith(".bias")}
+    decayed = set(names) - skip
+    assert any("pos" in n for n in decayed) and any("cls" in n or "token" in n for n in decayed)
+    assert "head.mlp.0.bias" in skip and "head.mlp.0.weight" in decayed and "head.last_layer.weight" in decayed
+    assert all(n.endswith(".bias") or names[n].ndim <= 1 for n in skip)
+    e = EsViTTrainer(tiny_vit(), **TINY)
+    assert e.no_weight_decay() == {n for n, p in e.named_parameters() if p.ndim <= 1 or n.endswith(".bias")}

@@ -19,10 +19,10 @@ def test_merge_order_defaults_objective_backbone_profile_file_set(tmp_path):
     assert cfg["optim"]["lr"] == 0.123                      # --config over the profile (1e-3)
     assert cfg["data"]["batch_size"] == 5
     assert cfg["optim"]["clip_grad"] == 9.5                 # --set over --config
-    assert cfg["objective_args"] == {"num_local_crops": 3}  # free keys pass through
+    assert cfg["objective_args"]["num_local_crops"] == 3   # free keys pass through, --set over the profile
     names = [s.rsplit("/", 2)[-2] + "/" + s.rsplit("/", 1)[-1] for s in sources]
     assert names == ["configs/defaults.yaml", "objectives/dino.yaml", "backbones/cvt.yaml", "profiles/demo.yaml",
-                     f"{tmp_path.name}/user.yaml"]
+                     "demo/dino.yaml", f"{tmp_path.name}/user.yaml"]
 
 
 def test_no_profile_when_data_is_given():
@@ -66,3 +66,53 @@ def test_preset_file_family_prefix():
     assert preset_file("backbones", "simple_vit") is None
     defaults = yaml.safe_load(preset_file("objectives", "dino").read_text())
     assert defaults["optim"]["clip_grad"] == 3.0
+
+
+def test_typed_config_has_exactly_the_default_keys():
+    import dataclasses
+
+    from launch.config import CONFIG_DIR, RunConfig, parse, read_yaml
+
+    defaults = read_yaml(CONFIG_DIR / "defaults.yaml")
+
+    def keys(cls) -> set[str]:
+        out = set()
+        for f in dataclasses.fields(cls):
+            section = f.metadata.get("section")
+            out |= {f"{f.name}.{k}" for k in keys(section)} if section else {f.name}
+        return out
+
+    def yaml_keys(tree, prefix="") -> set[str]:
+        out = set()
+        for k, v in tree.items():
+            out |= yaml_keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v and k not in FREE else {prefix + k}
+        return out
+
+    FREE = ("backbone_args", "objective_args")
+    assert keys(RunConfig) == yaml_keys(defaults)
+    cfg = parse(resolve("dino", "cvt", profile_hint="demo")[0])
+    assert cfg.data.image_size == 32 and cfg.optim.betas == (0.9, 0.999) and isinstance(cfg.optim.lr, float)
+    assert parse(cfg.as_dict()) == cfg
+
+
+@pytest.mark.parametrize("item,expect", [
+    ("optim.clip_grad=-1", "optim.clip_grad"), ("train.stop_at=-3", "train.stop_at"), ("optim.lr=abc", "optim.lr"),
+    ("optim.betas=0.9", "optim.betas"), ("train.seed=abc", "train.seed"), ("optim.lr=-1", "optim.lr"),
+    ("data.num_workers=-1", "data.num_workers"), ("train.mixed_precision=fp8", "fp8"),
+    ("data.std=[0,0,0]", "data.std"), ("data.mean=[0.5]", "data.mean"), ("train.steps=2.5", "train.steps"),
+    ("optim.lr_scaling=cubic", "linear | sqrt | none"), ("data.resampled=3", "true or false"),
+    ("train.stop_at=99999999", "past train.steps"), ("optim.lr=.inf", "optim.lr"),
+])
+def test_bad_values_name_the_key_and_what_is_allowed(item, expect):
+    from launch.config import parse
+
+    with pytest.raises(LaunchError) as err:
+        parse(resolve("mae", "vit_tiny", sets=[item], profile_hint=None)[0])
+    assert expect in str(err.value) and "\n" not in str(err.value)
+
+
+def test_objective_and_backbone_are_required():
+    from launch.config import parse
+
+    with pytest.raises(LaunchError, match="--backbone is required"):
+        parse(resolve("mae", None, profile_hint=None)[0])
