@@ -15,14 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
 
 import ssl_vit
 from ssl_vit import IncompatibleBackbone, Objective, UnknownNameError, ViewSpec
 from ssl_vit.files import verify_manifest
 
+from . import checkpoint as ckpt
 from .checkpoint import load_objective_weights, read_state
 from .config import RunConfig, parse, read_yaml
 from .errors import LaunchError
+from .init_weights import load_init
+from .schedules import scaled_lr, warmup_steps
 
 
 def pick_backbone_name(cfg: RunConfig) -> str:
@@ -33,9 +38,10 @@ def pick_backbone_name(cfg: RunConfig) -> str:
     return f"{name}_tiny" if f"{name}_tiny" in ssl_vit.list_backbones() else name
 
 
-def build_objective(cfg: RunConfig) -> tuple[ssl_vit.Backbone, Objective]:
+def build_objective(cfg: RunConfig, init: str | Path | None = None) -> tuple[ssl_vit.Backbone, Objective]:
     """(backbone, objective) from the config; LaunchError on unknown names, bad arguments, bad pairs.
-    The objective is told the normalisation of the launcher's views (`data.mean/std`)."""
+    `init`: weights loaded into the backbone before the objective copies it (teachers). The objective is told
+    the normalisation of the launcher's views (`data.mean/std`)."""
     if cfg.objective not in ssl_vit.list_objectives():
         try:
             ssl_vit.registry.OBJECTIVES.get(cfg.objective)
@@ -48,6 +54,8 @@ def build_objective(cfg: RunConfig) -> tuple[ssl_vit.Backbone, Objective]:
         raise LaunchError(str(err)) from None
     except (TypeError, ValueError) as err:
         raise LaunchError(f"cannot build backbone '{name}' with backbone_args {cfg.backbone_args}: {err}") from None
+    if init is not None:
+        load_init(init, backbone)
     try:
         objective = ssl_vit.create_objective(cfg.objective, backbone, **cfg.objective_args)
     except IncompatibleBackbone as err:
@@ -92,9 +100,6 @@ def make_adamw(groups: list[dict], *, lr: float, betas: tuple[float, float], eps
 
 def make_accelerator(cfg: RunConfig):
     """The Accelerator: bf16 on GPUs that have it under `mixed_precision: auto`, CPU processes over gloo."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
     mp: str | None = cfg.train.mixed_precision
     if mp == "auto":
         if os.environ.get("ACCELERATE_MIXED_PRECISION"):
@@ -231,13 +236,11 @@ def check_views(specs: list[ViewSpec], backbone: ssl_vit.Backbone, frames: int |
 def build_trainer(plan: Any) -> Trainer:
     """Accelerator, objective, optimizer and views from the plan, the checkpoint loaded when resuming.
     Writes nothing."""
-    from . import checkpoint as ckpt
-    from .schedules import scaled_lr, warmup_steps
-
     cfg = plan.cfg
     accelerator = make_accelerator(cfg)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every process
-    backbone, objective = build_objective(cfg)
+    # a resumed run's checkpoint holds everything; --init only seeds a fresh one
+    backbone, objective = build_objective(cfg, init=cfg.init if plan.resume is None else None)
     frames = check_data_kind(plan, backbone)
     specs = scale_views(list(objective.view_specs()), cfg.data.view_size, backbone.size_multiple)
     check_views(specs, backbone, frames, cfg)

@@ -16,7 +16,9 @@ written. Pruning keeps the newest `keep` checkpoints of the same run (by run id 
 from __future__ import annotations
 
 import json
+import os
 import random
+import secrets
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -185,7 +187,9 @@ def clean_temporaries(out_dir: str | Path) -> list[Path]:
 
 def is_checkpoint(path: Path) -> bool:
     """A checkpoint folder (what `checkpoint.save` writes), as opposed to a run or export folder."""
-    return path.is_dir() and any((path / name).is_file() for name in (OBJECTIVE_FILE, "state.json", MANIFEST))
+    if not path.is_dir() or (path / "backbone.json").is_file():  # an export also has checksums.json
+        return False
+    return any((path / name).is_file() for name in (OBJECTIVE_FILE, "state.json", MANIFEST))
 
 
 def load_objective_weights(objective: torch.nn.Module, path: Path) -> None:
@@ -255,7 +259,14 @@ def prune(out_dir: str | Path, *, run_id: str | None, keep: int) -> list[Path]:
         except (OSError, ValueError):
             continue  # unreadable: not provably ours, so never deleted here
     for path in mine[keep:]:
-        shutil.rmtree(path, ignore_errors=True)
+        # renamed aside first: a crash mid-delete leaves a temporary that the next start removes, never a
+        # half-deleted step_* folder that looks like a damaged checkpoint
+        aside = path.parent / f".{path.name}.old-{secrets.token_hex(4)}"
+        try:
+            os.replace(path, aside)
+        except OSError:
+            aside = path
+        shutil.rmtree(aside, ignore_errors=True)
     return mine[keep:]
 
 

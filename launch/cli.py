@@ -17,7 +17,11 @@ import textwrap
 
 from ssl_vit.errors import SslVitError
 
+from . import config
+from .args import ArgumentParser
 from .errors import LaunchError
+from .loop import train
+from .plan import plan
 
 EXAMPLES = """\
 examples:
@@ -42,9 +46,7 @@ def _names() -> str:
     return f"objectives:\n{wrap(objectives)}\n\nbackbones:\n{wrap(backbones)}\n"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit status 2 (argparse's own status too)
-        raise LaunchError(f"{message} (python pretrain.py --help)")
+class _Parser(ArgumentParser):
 
     def format_help(self) -> str:
         return super().format_help() + "\n" + _names() + "\n" + EXAMPLES
@@ -67,6 +69,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="optimizer steps of the schedule (train.steps)")
     p.add_argument("--resume", nargs="?", const="latest", metavar="PATH",
                    help="continue from the latest checkpoint of --out, or from PATH (a checkpoint or output folder)")
+    p.add_argument("--init", metavar="PATH", help="start the backbone from these weights (continued pretraining): an "
+                                                  "export folder, or a timm-layout .safetensors file (ViT family)")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in an --out that holds another run (its checkpoints, export and logs are deleted)")
     return p
@@ -77,10 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         args = parser().parse_args(argv)
-        from . import config
-        from .loop import train
-        from .plan import plan
-
         cli: dict = {}
         if args.data is not None:
             cli.setdefault("data", {})["train"] = args.data
@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             cli.setdefault("train", {})["steps"] = args.steps
         if args.out is not None:
             cli["out"] = args.out
+        if args.init is not None:
+            cli["init"] = args.init
         cfg, sources = config.resolve(args.objective, args.backbone, config_file=args.config, sets=args.set, cli=cli,
                                       profile_hint="demo")
         if cfg["data"]["train"] is not None and cfg["profile"] == "demo" and _profile_was_auto(args):
@@ -102,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     except SslVitError as err:  # a damaged checkpoint (CorruptCheckpoint), a bad input tensor, ...
         print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as err:  # a folder that cannot be written after all (read-only file system, /proc, ...)
+        print(f"error: {err.strerror or err}: {err.filename or ''} (choose another --out)", file=sys.stderr,
+              flush=True)
         return 2
     except KeyboardInterrupt:
         print("interrupted: resume with --resume", file=sys.stderr)

@@ -380,6 +380,7 @@ class RunConfig:
     backbone_args: dict = key("mapping")
     objective_args: dict = key("mapping")
     out: str | None = key(str, nullable=True)
+    init: str | None = key(str, nullable=True)
     profile: str = key(str)
     data: DataConfig = field(metadata={"section": DataConfig})
     optim: OptimConfig = field(metadata={"section": OptimConfig})

@@ -13,18 +13,22 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from objectives.views import make_views
+from ssl_vit import CorruptCheckpoint, SslVitError
+from ssl_vit.files import verify_manifest
 
 from . import checkpoint as ckpt
 from .build import Trainer, build_trainer
 from .config import dump
 from .data import ShardStream, SkipCounter, iter_batches, make_loader
-from .errors import DivergedError
+from .errors import DivergedError, LaunchError
 from .export_backbone import export_backbone
 from .hooks import StepResult, default_hooks
 from .hooks.guard import CAUSES, first_non_finite
@@ -112,7 +116,6 @@ def train(plan: Plan) -> dict[str, Any]:
     try:
         for line in summary_lines(trainer):
             trainer.log.print(line)
-        trainer.log.start()
         for hook in hooks:
             hook.on_start(trainer)
         trainer.model.train()
@@ -122,8 +125,15 @@ def train(plan: Plan) -> dict[str, Any]:
                 hook.after_step(trainer, result)
         for hook in hooks:
             hook.on_end(trainer)
-    finally:
+    except SslVitError as err:
         trainer.log.close()
+        undo_fresh_start(trainer, err)
+        if isinstance(err, LaunchError):
+            raise
+        # an input the objective or backbone refuses (a view too small to mask, ...): say where to look
+        raise LaunchError(f"{err} (at step {trainer.start + 1}: check data.view_size, data.image_size and "
+                          f"objective_args for {plan.backbone_name})") from None
+    trainer.log.close()
     return finish(trainer)
 
 
@@ -142,6 +152,28 @@ def prepare_out_dir(trainer: Trainer) -> None:
     acc.wait_for_everyone()
 
 
+def undo_fresh_start(trainer: Trainer, err: SslVitError) -> None:
+    """Bad input found only once training began (a view the objective cannot mask, an input check): a fresh
+    run that wrote no checkpoint leaves the output folder as it found it. A diverged run keeps its logs."""
+    if trainer.plan.resume is not None or trainer.last_checkpoint is not None or isinstance(err, DivergedError):
+        return
+    out = trainer.plan.out
+    if trainer.main and not trainer.plan.out_existed:
+        shutil.rmtree(out, ignore_errors=True)
+    elif trainer.main:  # what prepare_out_dir and the logger made
+        shutil.rmtree(out / "tensorboard", ignore_errors=True)
+        for name in ("config.yaml", "metrics.jsonl"):
+            (out / name).unlink(missing_ok=True)
+
+
+def export_intact(folder: Path) -> bool:
+    try:
+        verify_manifest(folder, what="export")
+    except CorruptCheckpoint:
+        return False
+    return True
+
+
 def finish(trainer: Trainer) -> dict[str, Any]:
     """Export the backbone (finite weights only) and print where everything is."""
     plan, cfg, data_wait = trainer.plan, trainer.cfg, trainer.data_wait
@@ -149,7 +181,8 @@ def finish(trainer: Trainer) -> dict[str, Any]:
     bad = first_non_finite(trainer.objective.export_backbone())
     if bad is not None:
         raise DivergedError(f"weight {bad} of the backbone is not finite: no export written; {CAUSES}")
-    if trainer.main and trainer.start < trainer.stop:
+    # also when resuming a finished run whose export was interrupted or damaged: the checkpoint rebuilds it
+    if trainer.main and (trainer.start < trainer.stop or not export_intact(export_dir)):
         # registry_name None: the module's own recipe (create_backbone's name and overrides, plus what the
         # objective changed, e.g. MAE's pool="mean") rebuilds it
         export_backbone(trainer.objective.export_backbone(), export_dir, registry_name=None, overrides=None,
@@ -161,8 +194,8 @@ def finish(trainer: Trainer) -> dict[str, Any]:
                "backbone": plan.backbone_name}
     if trainer.main:
         if trainer.start >= trainer.stop:
-            print(f"nothing to train: {plan.resume} is at step {trainer.start} of {trainer.stop}; the export is "
-                  f"{export_dir}", flush=True)
+            print(f"nothing to train: {plan.resume} is at step {trainer.start} of {trainer.stop}; the exported "
+                  f"backbone is {export_dir}", flush=True)
         else:
             loss = f"{trainer.last_loss:.4f}" if math.isfinite(trainer.last_loss) else "n/a"
             print(f"done: {trainer.stop} steps, last loss {loss}, data wait {data_wait:.0%}, "

@@ -5,8 +5,13 @@
 Class subfolders become integer labels (sorted names -> 0, 1, ...); a flat folder has no labels.
 Files are visited in sorted order, so the shards are the same on every run. Each sample is
 `__key__`, the image bytes under its own extension (`jpg`, `png`, `webp`) and `cls` when labelled.
-Unreadable files are reported and skipped. `manifest.json` records the sample count per shard, the
-classes and the skipped files.
+Unreadable files are reported and skipped. `manifest.json` records the sample count per shard (the
+loader counts the samples a truncated shard lost from it), the classes and the skipped files.
+
+Bad input (a missing or empty folder, no readable image, an output path that is a file or cannot be
+written) is one line on stderr and exit status 2. Shards are written to a hidden folder inside the
+output folder and moved into place, manifest last, only when all of them are complete: a failed or
+interrupted run leaves nothing behind.
 
 Video: a folder of clips (`.npy` uint8 (T, H, W, C) files, or subfolders of numbered frame images;
 class subfolders become labels) is written by `launch.video.write_clip_shards`, one clip per sample.
@@ -16,16 +21,20 @@ for clips stored as numbered frames, which look like class folders of images oth
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import io
 import json
+import os
+import shutil
 import sys
 import tarfile
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from PIL import Image
 
+from .args import ArgumentParser
 from .errors import LaunchError
 from .video import write_clip_shards
 
@@ -105,38 +114,88 @@ def encode(path: Path) -> tuple[str, bytes]:
     return ext, data
 
 
+@contextlib.contextmanager
+def staged_output(out_dir: str | Path) -> Iterator[Path]:
+    """A hidden folder inside `out_dir` to write into; its files are moved into `out_dir` (`manifest.json`
+    last) when the block ends normally, and it is removed either way, with any folder it created.
+    LaunchError when `out_dir` is a file or cannot be written."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LaunchError(f"output {out_dir} is a file, not a folder: pass a folder for the shards")
+    created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # innermost first
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".make_shards-", dir=out_dir))
+    except OSError as err:
+        _remove_empty(created)
+        raise LaunchError(f"cannot write to {out_dir}: {err.strerror or err}") from None
+    try:
+        try:
+            yield stage
+            for name in sorted((p.name for p in stage.iterdir()), key=lambda n: n == "manifest.json"):
+                os.replace(stage / name, out_dir / name)
+        except OSError as err:
+            raise LaunchError(f"cannot write shards to {out_dir}: {err.strerror or err}") from None
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        _remove_empty(created)
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # innermost first
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
 def make_shards(image_dir: str | Path, out_dir: str | Path, *, shard_size: int = 1000, prefix: str = "train",
                 log: Iterable | None = None, video: bool | None = None) -> dict:
     """Write the shards and `manifest.json`; returns the manifest.
 
     video: True writes a folder of clips (launch.video.write_clip_shards; the manifest has
-    `"kind": "video"`), None decides with `looks_like_clips`, False reads images."""
-    if video or (video is None and looks_like_clips(image_dir)):
-        return write_clip_shards(image_dir, out_dir, shard_size=shard_size, prefix=prefix)
-    image_dir = Path(image_dir)
+    `"kind": "video"`), None decides with `looks_like_clips`, False reads images.
+    LaunchError on bad input, with nothing written (module docstring)."""
+    image_dir, out_dir = Path(image_dir), Path(out_dir)
+    if shard_size < 1:
+        raise LaunchError(f"--shard-size must be at least 1, got {shard_size}")
+    if not prefix or any(sep in prefix for sep in ("/", "\\")) or prefix.startswith("."):
+        raise LaunchError(f"--prefix {prefix!r} must be a plain file name prefix (no folders, not hidden)")
     if not image_dir.is_dir():
-        raise LaunchError(f"image folder {image_dir} does not exist")
+        what = "is a file, not a folder" if image_dir.exists() else "does not exist"
+        raise LaunchError(f"input folder {image_dir} {what}: pass the folder of images (or clips) to shard")
+    if video or (video is None and looks_like_clips(image_dir)):
+        with staged_output(out_dir) as stage:
+            manifest = write_clip_shards(image_dir, stage, shard_size=shard_size, prefix=prefix)
+        return manifest
     files, classes = list_images(image_dir)
     if not files:
         raise LaunchError(f"no images (jpg, png, webp, bmp, gif, tif) in {image_dir}")
-    writer = ShardWriter(out_dir, prefix, shard_size)
-    skipped = []
-    for index, (path, label) in enumerate(files):
+    with staged_output(out_dir) as stage:
+        writer = ShardWriter(stage, prefix, shard_size)
+        skipped, reasons = [], []
         try:
-            ext, data = encode(path)
-        except Exception as err:  # any decoder error: report, skip, go on
-            skipped.append(str(path))
-            print(f"skipping unreadable image {path}: {type(err).__name__}: {err}", file=sys.stderr)
-            continue
-        sample = {ext: data}
-        if label >= 0:
-            sample["cls"] = str(label).encode()
-        writer.write(f"{index:08d}", sample)
-    count = writer.close()
-    manifest = {"samples": count, "shards": writer.shards, "pattern": pattern(prefix, len(writer.shards)),
-                "classes": classes, "num_classes": len(classes), "skipped": skipped,
-                "source": str(image_dir)}
-    (Path(out_dir) / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            for index, (path, label) in enumerate(files):
+                try:
+                    ext, data = encode(path)
+                except Exception as err:  # any decoder error: report (once something was readable), skip, go on
+                    skipped.append(str(path))
+                    reasons.append(f"{path}: {type(err).__name__}: {err}")
+                    continue
+                sample = {ext: data}
+                if label >= 0:
+                    sample["cls"] = str(label).encode()
+                writer.write(f"{index:08d}", sample)
+        finally:
+            count = writer.close()
+        if count == 0:
+            raise LaunchError(f"no readable images in {image_dir} ({len(skipped)} unreadable files)")
+        for line in reasons:
+            print(f"skipped unreadable image {line}", file=sys.stderr)
+        manifest = {"samples": count, "shards": writer.shards, "pattern": pattern(prefix, len(writer.shards)),
+                    "classes": classes, "num_classes": len(classes), "skipped": skipped,
+                    "source": str(image_dir)}
+        (stage / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -158,7 +217,7 @@ def looks_like_clips(folder: str | Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.make_shards", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m launch.make_shards", description=__doc__.split("\n\n")[0])
     parser.add_argument("image_dir", help="folder of images (or of clips); class subfolders become labels")
     parser.add_argument("out_dir", help="where the .tar shards and manifest.json are written")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
@@ -166,9 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--video", action="store_true",
                         help="IMAGE_DIR is a folder of clips (.npy files or folders of numbered frames); "
                              "detected on its own for .npy clips")
-    args = parser.parse_args(argv)
-    video = args.video or looks_like_clips(args.image_dir)
     try:
+        args = parser.parse_args(argv)
+        video = args.video or looks_like_clips(args.image_dir)
         manifest = make_shards(args.image_dir, args.out_dir, shard_size=args.shard_size, prefix=args.prefix,
                                video=video)
     except LaunchError as err:

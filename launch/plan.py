@@ -8,6 +8,7 @@ output folder (writable, not a file, not another run's unless `--overwrite`) and
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from . import checkpoint as ckpt
 from .build import _KIND_WORDS, pick_backbone_name
 from .config import RunConfig
 from .data import check_shards, expand_shards
+from .digits import digits_shards
 from .errors import LaunchError
 
 
@@ -32,6 +34,7 @@ class Plan:
     resume: Path | None = None
     resume_state: dict[str, Any] = field(default_factory=dict)
     overwrite: bool = False
+    out_existed: bool = True  # whether --out was there before this run (a failed fresh start removes what it made)
     data_kind: str | None = None  # "image" / "video" as found in local shards; None: not checked (URLs)
 
 
@@ -41,6 +44,12 @@ def _check_out(out: Path) -> None:
     probe = out if out.is_dir() else next((p for p in out.parents if p.exists()), Path("."))
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise LaunchError(f"--out {out}: {probe} is not writable; choose another --out")
+    try:  # permission bits do not bind root, and read-only mounts pass os.access: try it (an unnamed file)
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        raise LaunchError(f"--out {out}: cannot write in {probe} ({err.strerror or err}); choose another --out") \
+            from None
 
 
 def _holds_a_run(out: Path) -> bool:
@@ -51,8 +60,6 @@ def plan(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) -> 
     """Check everything that can be checked before touching the output folder."""
     data = cfg.data
     if data.train is None:
-        from .digits import digits_shards
-
         train_spec, digits_val = digits_shards(data.cache)
         cfg = cfg.replace(data={"train": train_spec, "val": data.val if data.val is not None else digits_val})
         data = cfg.data
@@ -73,7 +80,7 @@ def plan(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) -> 
     if resume is not None and overwrite:
         raise LaunchError("--resume and --overwrite exclude each other: continue the run, or start it over")
     run = Plan(cfg, out, train_urls, val_urls, backbone, run_id=uuid.uuid4().hex, requested_backbone=requested,
-               overwrite=overwrite, data_kind=kind)
+               overwrite=overwrite, data_kind=kind, out_existed=out.exists())
     if resume is not None:
         run.resume = ckpt.resolve_resume(resume, out)
         run.resume_state = ckpt.read_state(run.resume)

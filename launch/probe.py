@@ -26,6 +26,7 @@ from torch import nn
 import ssl_vit
 from ssl_vit.export import build_from_meta, read_meta
 
+from .args import ArgumentParser
 from .errors import LaunchError
 from .knn import IMAGENET_MEAN, IMAGENET_STD, extract_features, knn_classify, last_blocks_cls, normalizer, topk_accuracy
 
@@ -34,8 +35,9 @@ __all__ = ["main", "run_probe", "train_linear_heads"]
 DEFAULT_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 
 
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="linear_probe.py", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="linear_probe.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--weights", required=True, help="an export folder (backbone.safetensors + backbone.json)")
     p.add_argument("--train", help="labelled training shards (default: the embedded digits)")
     p.add_argument("--val", help="labelled validation shards (default: the embedded digits)")
@@ -183,19 +185,19 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         from accelerate import Accelerator
 
         accelerator = Accelerator()
         results = run_probe(args, accelerator)
-    except (ssl_vit.SslVitError, FileNotFoundError, ValueError) as err:
+        if accelerator.is_main_process:
+            out = Path(args.out) if args.out else Path(args.weights) / ("random_init" if args.random_init else "")
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            print(format_table(results))
+            print(f"results: {out / 'results.json'}")
+    except (ssl_vit.SslVitError, OSError, ValueError) as err:
         print(f"linear_probe.py: error: {err}", file=sys.stderr)
         return 2
-    if accelerator.is_main_process:
-        out = Path(args.out) if args.out else Path(args.weights) / ("random_init" if args.random_init else "")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        print(format_table(results))
-        print(f"results: {out / 'results.json'}")
     return 0

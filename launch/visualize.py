@@ -1,16 +1,20 @@
-"""Pictures of a run: class-token attention maps, MAE/SimMIM reconstructions, loss and learning-rate curves.
+"""Pictures of a run: class-token attention maps, MAE/SimMIM reconstructions, training curves.
 
 `python -m launch.visualize RUN_DIR` writes `attention.png`, `reconstruction.png` (objectives with a
 `reconstruct` method) and `curves.png` to RUN_DIR/visualize. The attention maps are the last
 layer's class-token attention over the patches, per head and averaged, as in DINO's Figure 1
-(Caron et al. 2021); models without a class token show the attention each patch receives. Drawn
-with PIL only. `log_images(writer, step, ...)` puts the same pictures into TensorBoard for the
-launcher.
+(Caron et al. 2021); models without a class token show the attention each patch receives.
+Reconstructions are shown in pixel space: the objective puts per-patch normalised predictions back
+with each patch's own statistics (`objectives.losses.unnormalize_patches`), and the figure undoes the
+launcher's `data.mean`/`data.std` normalisation per channel. Curves are one panel per metric family
+(losses, learning rate and weight decay, throughput, k-NN accuracy, DINO-family collapse metrics), the raw
+series faint under its exponential moving average. Drawn with matplotlib's object-oriented API on the
+Agg canvas (no display, no pyplot state). `log_images(writer, step, ...)` puts the same pictures into
+TensorBoard for the launcher.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -20,56 +24,57 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
 from torch import nn
 
 import ssl_vit
 from ssl_vit import Recorder
+from ssl_vit.masking import upsample_mask
 
+from . import checkpoint as ckpt
+from .args import ArgumentParser
+from .build import restore
+from .data import ShardStream, expand_shards
+from .digits import digits_shards
 from .errors import LaunchError
 from .knn import IMAGENET_MEAN, IMAGENET_STD, normalizer
 
-__all__ = ["attention_maps", "attention_figure", "reconstruction_figure", "curves_figure", "log_images", "main"]
+__all__ = ["attention_maps", "attention_figure", "reconstruction_figure", "reconstruction_pixels", "curves_figure",
+           "metric_panels", "ema", "read_metrics", "run_figures", "log_images", "visualize_run", "main"]
 
-TILE = 96  # pixels per picture in a figure
-# anchor colours of a dark-to-bright heat map (black, purple, red, orange, pale yellow)
-_HEAT = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float32)
-
-
-def heatmap(values: np.ndarray) -> np.ndarray:
-    """(h, w) in [0, 1] -> (h, w, 3) uint8 colours."""
-    pos = np.clip(values, 0, 1) * (len(_HEAT) - 1)
-    lo = np.floor(pos).astype(int).clip(0, len(_HEAT) - 2)
-    frac = (pos - lo)[..., None]
-    return (_HEAT[lo] * (1 - frac) + _HEAT[lo + 1] * frac).round().astype(np.uint8)
+CELL = 1.35  # inches per picture in a grid figure
+DPI = 100
+_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
 
-def _to_pil(image: torch.Tensor) -> Image.Image:
-    """uint8 or [0, 1] float (3, H, W) -> a TILE-high PIL image (nearest: small images stay crisp)."""
-    if image.dtype != torch.uint8:
-        image = (image.clamp(0, 1) * 255).round().to(torch.uint8)
-    array = image.permute(1, 2, 0).cpu().numpy()
-    pil = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).convert("RGB")
-    return pil.resize((round(TILE * pil.width / pil.height), TILE), Image.NEAREST)
+def render(fig: Figure) -> Image.Image:
+    """A matplotlib Figure drawn on the Agg canvas -> an RGB PIL image."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy())
 
 
-def _grid(rows: list[list[Image.Image]], labels: Sequence[str] = (), pad: int = 4) -> Image.Image:
-    """Tiles in rows, with optional column labels on top."""
-    width = max(sum(t.width for t in row) + pad * (len(row) + 1) for row in rows)
-    top = 14 if labels else 0
-    height = top + sum(max(t.height for t in row) + pad for row in rows) + pad
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    y = top + pad
-    for r, row in enumerate(rows):
-        x = pad
-        for c, tile in enumerate(row):
-            canvas.paste(tile, (x, y))
-            if r == 0 and c < len(labels):
-                draw.text((x, 2), labels[c], fill="black")
-            x += tile.width + pad
-        y += max(t.height for t in row) + pad
-    return canvas
+def _rgb(image: torch.Tensor) -> np.ndarray:
+    """(3 or 1, H, W) float in [0, 1] or uint8 -> (H, W, 3) float in [0, 1] for imshow."""
+    if image.dtype == torch.uint8:
+        image = image.float() / 255
+    array = image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+    return np.repeat(array, 3, axis=-1) if array.shape[-1] == 1 else array
+
+
+def _grid_axes(rows: int, cols: int, title: str | None) -> tuple[Figure, np.ndarray]:
+    top = 0.45 if title else 0.0
+    fig = Figure(figsize=(cols * CELL, rows * CELL + 0.3 + top), dpi=DPI, facecolor="white")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - (0.3 + top) / (rows * CELL + 0.3 + top),
+                        wspace=0.05, hspace=0.05)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title, fontsize=11, y=0.995, va="top")
+    return fig, axes
 
 
 @torch.no_grad()
@@ -103,117 +108,180 @@ def attention_maps(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, 
     return (maps - lo) / (hi - lo).clamp_min(1e-12), what
 
 
-def _overlay(image: Image.Image, values: np.ndarray, alpha: float = 0.6) -> Image.Image:
-    heat = Image.fromarray(heatmap(values)).resize(image.size, Image.NEAREST)
-    return Image.blend(image, heat, alpha)
-
-
 def attention_figure(backbone: nn.Module, images: torch.Tensor, prepare: Callable[[torch.Tensor], torch.Tensor],
                      max_heads: int = 6) -> Image.Image:
-    """Rows of: image, mean-over-heads map on the image, then each head's map. images: uint8 (B, 3, H, W)."""
+    """Rows of: image, mean-over-heads map on the image, then each head's map (inferno colour map, one
+    colour bar). images: uint8 (B, 3, H, W)."""
     x = prepare(images)
     maps, what = attention_maps(backbone, x)
     heads = min(maps.shape[1], max_heads)
-    rows = []
+    fig, axes = _grid_axes(images.shape[0], heads + 2,
+                           f"last-layer attention of {type(backbone).__name__} ({what}), per image")
+    size = x.shape[-2:]
+    extent = (0, size[1], size[0], 0)
+    labels = ["image", "mean over heads"] + [f"head {i}" for i in range(heads)]
     for b in range(images.shape[0]):
-        picture = _to_pil(torch.nn.functional.interpolate(images[b:b + 1].float(), size=x.shape[-2:])[0] / 255)
+        picture = _rgb(torch.nn.functional.interpolate(images[b:b + 1].float(), size=size)[0] / 255)
         mean = maps[b].mean(0)
-        mean = (mean - mean.min()) / (mean.max() - mean.min()).clamp_min(1e-12)
-        row = [picture, _overlay(picture, mean.cpu().numpy())]
-        row += [Image.fromarray(heatmap(maps[b, i].cpu().numpy())).resize(picture.size, Image.NEAREST)
-                for i in range(heads)]
-        rows.append(row)
-    labels = ["image", f"mean ({what})"] + [f"head {i}" for i in range(heads)]
-    return _grid(rows, labels)
+        mean = ((mean - mean.min()) / (mean.max() - mean.min()).clamp_min(1e-12)).cpu().numpy()
+        axes[b, 0].imshow(picture, interpolation="nearest", extent=extent)
+        axes[b, 1].imshow(picture, interpolation="nearest", extent=extent)
+        axes[b, 1].imshow(mean, cmap="inferno", alpha=0.6, vmin=0, vmax=1, interpolation="nearest", extent=extent)
+        for i in range(heads):
+            axes[b, i + 2].imshow(maps[b, i].cpu().numpy(), cmap="inferno", vmin=0, vmax=1,
+                                  interpolation="nearest", extent=extent)
+    for c, label in enumerate(labels):
+        axes[0, c].set_title(label, fontsize=8)
+    return render(fig)
 
 
 @torch.no_grad()
-def reconstruction_figure(objective: nn.Module, images: torch.Tensor, prepare: Callable[[torch.Tensor], torch.Tensor],
-                          mean: Sequence[float], std: Sequence[float]) -> Image.Image:
-    """Rows of: original, masked input, reconstruction (objectives with `reconstruct`: MAE, SimMIM)."""
+def reconstruction_pixels(objective: nn.Module, images: torch.Tensor, prepare: Callable[[torch.Tensor], torch.Tensor],
+                          mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, ...]:
+    """(original, masked input, reconstruction), each (B, C, H, W) in [0, 1] pixel space.
+
+    `prepare` normalises with (x - mean) / std per channel; the same mean and std must be given here,
+    since un-normalising with other statistics shifts each channel by a different amount (a grey
+    image comes out tinted). Hidden cells of the masked input are shown mid grey, taken from the
+    returned mask rather than from zero values (a visible pixel at the mean is zero too)."""
     if not objective.can_reconstruct:
         raise LaunchError(f"objective {type(objective).__name__} has no reconstruct(); only MAE/SimMIM runs have "
                           "reconstructions")
+    x = prepare(images)
+    if len(mean) != x.shape[1] or len(std) != x.shape[1]:
+        raise LaunchError(f"data.mean/std have {len(mean)}/{len(std)} values for {x.shape[1]}-channel images")
     was_training = objective.training
     objective.eval()
     try:
-        x = prepare(images)
-        masked, recon, _mask = objective.reconstruct(x)
+        masked, recon, mask = objective.reconstruct(x)
     finally:
         objective.train(was_training)
     m = x.new_tensor(mean).view(1, -1, 1, 1)
     s = x.new_tensor(std).view(1, -1, 1, 1)
-    hidden = masked == 0  # hidden pixels are zeroed in normalised space; show them grey
-    shown = [(t * s + m) for t in (x, masked, recon)]
-    shown[1] = torch.where(hidden.all(dim=1, keepdim=True), torch.full_like(shown[1], 0.5), shown[1])
-    rows = [[_to_pil(t[b]) for t in shown] for b in range(x.shape[0])]
-    return _grid(rows, ["original", "masked input", "reconstruction"])
+    original, masked_px, recon_px = ((t.float() * s + m).clamp(0, 1) for t in (x, masked, recon))
+    factor = [a // g for a, g in zip(x.shape[2:], mask.shape[1:])]
+    hidden = upsample_mask(mask, factor).unsqueeze(1).to(x.device)
+    masked_px = torch.where(hidden, torch.full_like(masked_px, 0.5), masked_px)
+    return original, masked_px, recon_px
 
 
+def reconstruction_figure(objective: nn.Module, images: torch.Tensor, prepare: Callable[[torch.Tensor], torch.Tensor],
+                          mean: Sequence[float], std: Sequence[float]) -> Image.Image:
+    """Rows of: original, masked input, reconstruction (objectives with `reconstruct`: MAE, SimMIM), in
+    pixel space."""
+    shown = reconstruction_pixels(objective, images, prepare, mean, std)
+    fig, axes = _grid_axes(images.shape[0], 3, f"{type(objective).__name__} reconstructions (pixel space)")
+    for b in range(images.shape[0]):
+        for c, t in enumerate(shown):
+            axes[b, c].imshow(_rgb(t[b]), interpolation="nearest")
+    for c, label in enumerate(["original", "masked input", "reconstruction"]):
+        axes[0, c].set_title(label, fontsize=9)
+    return render(fig)
+
+
+# ---- curves ---------------------------------------------------------------------------------------
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file; lines that are not JSON objects (cut short by a crash) are skipped."""
     records = []
     for line in Path(path).read_text().splitlines():
         line = line.strip()
         if line:
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
-                continue  # a line cut short by a crash
+                continue
+            if isinstance(record, dict):
+                records.append(record)
     return records
 
 
-def _plot(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], series: dict[str, list[tuple[float, float]]],
-          title: str, log_y: bool = False) -> None:
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd"]
-    x0, y0, x1, y1 = box
-    draw.rectangle(box, outline="black")
-    draw.text((x0, y0 - 14), title, fill="black")
-    points = [p for s in series.values() for p in s if math.isfinite(p[1]) and (p[1] > 0 or not log_y)]
-    if not points:
-        draw.text((x0 + 8, y0 + 8), "no data", fill="black")
-        return
-    fy = (lambda v: math.log10(v)) if log_y else (lambda v: v)
-    xs, ys = [p[0] for p in points], [fy(p[1]) for p in points]
-    xmin, xmax = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    ymin, ymax = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
-    sx = lambda v: x0 + 4 + (v - xmin) / (xmax - xmin) * (x1 - x0 - 8)
-    sy = lambda v: y1 - 4 - (fy(v) - ymin) / (ymax - ymin) * (y1 - y0 - 8)
-    for i, (name, pts) in enumerate(series.items()):
-        pts = [p for p in pts if math.isfinite(p[1]) and (p[1] > 0 or not log_y)]
-        colour = colours[i % len(colours)]
-        if len(pts) > 1:
-            draw.line([(sx(a), sy(b)) for a, b in pts], fill=colour, width=2)
-        elif pts:
-            draw.ellipse([sx(pts[0][0]) - 2, sy(pts[0][1]) - 2, sx(pts[0][0]) + 2, sy(pts[0][1]) + 2], fill=colour)
-        draw.text((x1 - 150, y0 + 4 + 12 * i), name, fill=colour)
-    top, bottom = (10 ** ymax, 10 ** ymin) if log_y else (ymax, ymin)
-    draw.text((x0 + 4, y0 + 2), f"{top:.4g}", fill="black")
-    draw.text((x0 + 4, y1 - 14), f"{bottom:.4g}", fill="black")
-    draw.text((x0, y1 + 2), f"step {xmin:g}", fill="black")
-    draw.text((x1 - 70, y1 + 2), f"step {xmax:g}", fill="black")
+def ema(values: Sequence[float], beta: float) -> np.ndarray:
+    """Bias-corrected exponential moving average (as TensorBoard's smoothing): beta 0 is the raw series."""
+    out, avg, weight = np.empty(len(values)), 0.0, 0.0
+    for i, v in enumerate(values):
+        avg = beta * avg + (1 - beta) * v
+        weight = beta * weight + (1 - beta)
+        out[i] = avg / weight
+    return out
+
+
+# (panel title, y label, test on the metric's last name segment), in drawing order
+_FAMILIES: list[tuple[str, str, Callable[[str], bool]]] = [
+    ("loss", "loss", lambda n: "loss" in n),
+    ("learning rate and weight decay", "learning rate", lambda n: n.startswith("lr") or n == "weight_decay"),
+    ("throughput", "images / s", lambda n: n in ("images_per_s", "clips_per_s", "samples_per_s")),
+    ("k-NN accuracy", "top-1 (%)", lambda n: n.startswith("knn")),
+    ("teacher collapse", "nats", lambda n: n in ("teacher_entropy", "kl_to_uniform")),
+]
+
+
+def metric_panels(records: list[dict[str, Any]]) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Series of metrics.jsonl records grouped by family: {panel title: {metric: (steps, values)}}; only
+    finite numbers, only families present."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in records:
+        step = r.get("step")
+        if not isinstance(step, (int, float)) or isinstance(step, bool):
+            continue
+        for k, v in r.items():
+            if k in ("step", "time") or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                continue
+            series.setdefault(k, []).append((float(step), float(v)))
+    panels: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    for title, _label, test in _FAMILIES:
+        for k in sorted(series):
+            if test(k.rsplit("/", 1)[-1]):
+                pts = sorted(series[k])
+                panels.setdefault(title, {})[k] = (np.array([p[0] for p in pts]), np.array([p[1] for p in pts]))
+    return panels
+
+
+def _draw(ax: Any, name: str, steps: np.ndarray, values: np.ndarray, colour: str, smooth: bool) -> None:
+    beta = 0.9 if len(values) >= 100 else 0.6 if len(values) >= 10 else 0.0
+    if smooth and beta:
+        ax.plot(steps, values, color=colour, alpha=0.25, linewidth=1)
+        ax.plot(steps, ema(values, beta), color=colour, linewidth=1.8, label=f"{name} (EMA {beta:g})")
+    else:
+        ax.plot(steps, values, color=colour, linewidth=1.5, marker="o" if len(values) < 10 else None,
+                markersize=3, label=name)
 
 
 def curves_figure(records: list[dict[str, Any]]) -> Image.Image:
-    """Two panels from metrics.jsonl records: every `*loss*` series, and the learning rate(s)."""
-    losses: dict[str, list] = {}
-    rates: dict[str, list] = {}
-    for r in records:
-        step = r.get("step")
-        if step is None:
-            continue
-        for k, v in r.items():
-            if not isinstance(v, (int, float)) or k in ("step", "time"):
-                continue
-            name = k.rsplit("/", 1)[-1]
-            if "loss" in name:
-                losses.setdefault(k, []).append((float(step), float(v)))
-            elif name == "lr" or name.startswith("lr"):
-                rates.setdefault(k, []).append((float(step), float(v)))
-    canvas = Image.new("RGB", (900, 360), "white")
-    draw = ImageDraw.Draw(canvas)
-    _plot(draw, (20, 30, 440, 330), losses, "loss")
-    _plot(draw, (470, 30, 880, 330), rates, "learning rate")
-    return canvas
+    """One panel per metric family found in metrics.jsonl records, raw series faint under their EMA;
+    losses on a log y axis when they span more than a decade, weight decay on its own right-hand axis."""
+    panels = metric_panels(records)
+    n = max(len(panels), 1)
+    cols = 2 if n > 1 else 1
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(6.2 * cols, 3.6 * rows), dpi=DPI, facecolor="white")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_axis_off()
+    if not panels:
+        axes[0, 0].text(0.5, 0.5, "no metrics recorded", ha="center", va="center", transform=axes[0, 0].transAxes)
+    labels = {title: label for title, label, _ in _FAMILIES}
+    for ax, (title, series) in zip(axes.flat, panels.items()):
+        handles_ax = [ax]
+        for i, (name, (steps, values)) in enumerate(series.items()):
+            target = ax
+            if name.endswith("weight_decay"):
+                target = ax.twinx()
+                target.set_ylabel("weight decay")
+                handles_ax.append(target)
+            _draw(target, name, steps, values, _COLOURS[i % len(_COLOURS)], smooth=title != "learning rate and "
+                  "weight decay")
+        if title == "loss":
+            positive = np.concatenate([v for _, v in series.values()])
+            if (positive > 0).all() and positive.max() / positive.min() > 10:
+                ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(labels[title])
+        ax.grid(True, alpha=0.3)
+        lines = [h for a in handles_ax for h in a.get_legend_handles_labels()[0]]
+        ax.legend(lines, [h.get_label() for h in lines], fontsize=8, loc="best")
+    fig.tight_layout()
+    return render(fig)
 
 
 def log_images(writer, step: int, *, backbone: nn.Module, images: torch.Tensor,
@@ -236,10 +304,7 @@ def log_images(writer, step: int, *, backbone: nn.Module, images: torch.Tensor,
 def _sample_images(spec: str | None, size: int, count: int, cache: str | None) -> torch.Tensor:
     """`count` images from shards given on the command line, else from the embedded digits. Shard specs
     stored in a run folder are never used: they could be `pipe:` commands someone else wrote."""
-    from .data import ShardStream, expand_shards
-
     if spec is None:
-        from .digits import digits_shards
         spec = digits_shards(cache)[1]
     stream = ShardStream(expand_shards(spec), batch_size=count, image_size=size, infinite=False)
     batch = next(iter(stream), None)
@@ -250,27 +315,24 @@ def _sample_images(spec: str | None, size: int, count: int, cache: str | None) -
 
 def _run_parts(run_dir: Path) -> tuple[Path | None, Path | None, Path | None]:
     """(export folder, checkpoint folder, metrics file) of a run folder (or of an export folder)."""
-    from . import checkpoint as ckpt
-
     export = next((p for p in (run_dir / "export", run_dir) if (p / "backbone.json").is_file()), None)
     checkpoint = ckpt.find_checkpoint(run_dir)
     metrics = run_dir / "metrics.jsonl"
     return export, checkpoint, metrics if metrics.is_file() else None
 
 
-def visualize_run(run_dir: str | Path, out_dir: str | Path | None = None, *, images: int = 6,
-                  data: str | None = None, cache: str | None = None) -> list[Path]:
-    """Write the figures of a run; returns the PNG paths written. Checksums are verified before weights
-    are read; sample images come from `data` (or the embedded digits), never from the run's own config."""
-    from . import checkpoint as ckpt
-    from .build import restore
-
+def run_figures(run_dir: str | Path, *, images: int = 6, data: str | None = None, cache: str | None = None,
+                notes: list[str] | None = None) -> dict[str, Image.Image]:
+    """The figures of a run folder by name ("curves", "attention", "reconstruction"), those it can give.
+    Checksums are verified before weights are read; sample images come from `data` (or the embedded
+    digits), never from the run's own config. Why a picture is missing is appended to `notes`."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise LaunchError(f"{run_dir} is not a folder (give a run's output folder)")
     export, checkpoint, metrics = _run_parts(run_dir)
     if export is None and checkpoint is None and metrics is None:
         raise LaunchError(f"{run_dir} holds no export, checkpoint or metrics.jsonl: is it a run folder?")
+    notes = [] if notes is None else notes
     objective = backbone = None
     mean, std, size = IMAGENET_MEAN, IMAGENET_STD, None
     if checkpoint is not None:
@@ -281,44 +343,63 @@ def visualize_run(run_dir: str | Path, out_dir: str | Path | None = None, *, ima
         backbone = ssl_vit.load_backbone(export)
         data_cfg = (backbone.export_meta.get("config") or {}).get("data") or {}
         mean, std, size = data_cfg.get("mean", mean), data_cfg.get("std", std), data_cfg.get("view_size")
-    out = Path(out_dir) if out_dir else run_dir / "visualize"
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    if metrics is not None:
-        curves_figure(read_metrics(metrics)).save(out / "curves.png")
-        written.append(out / "curves.png")
-    if backbone is not None:
+    figures: dict[str, Image.Image] = {}
+    sample = None
+    if backbone is not None:  # read the sample images first: bad --data fails before anything is drawn
         backbone.eval()
         size = int(size or backbone.default_size[-1])
         if size % backbone.size_multiple:
             size = int(backbone.default_size[-1])
         sample = _sample_images(data, size, images, cache)
+    if metrics is not None:
+        figures["curves"] = curves_figure(read_metrics(metrics))
+    else:
+        notes.append("no metrics.jsonl: no curves")
+    if backbone is not None and sample is not None:
         prepare = normalizer(mean, std, size)
         try:
-            attention_figure(backbone, sample, prepare).save(out / "attention.png")
-            written.append(out / "attention.png")
+            figures["attention"] = attention_figure(backbone, sample, prepare)
         except LaunchError as err:
-            print(f"attention maps skipped: {err}", file=sys.stderr)
+            notes.append(f"attention maps skipped: {err}")
         if objective is not None and objective.can_reconstruct:
-            reconstruction_figure(objective, sample, prepare, mean, std).save(out / "reconstruction.png")
-            written.append(out / "reconstruction.png")
+            figures["reconstruction"] = reconstruction_figure(objective, sample, prepare, mean, std)
+        elif objective is not None:
+            notes.append(f"no reconstructions: {type(objective).__name__} does not reconstruct images")
+    return figures
+
+
+def visualize_run(run_dir: str | Path, out_dir: str | Path | None = None, *, images: int = 6,
+                  data: str | None = None, cache: str | None = None) -> list[Path]:
+    """Write the figures of a run as PNG files to `out_dir` (default RUN_DIR/visualize); returns the paths."""
+    notes: list[str] = []
+    figures = run_figures(run_dir, images=images, data=data, cache=cache, notes=notes)
+    for note in notes:
+        if "skipped" in note:
+            print(note, file=sys.stderr)
+    out = Path(out_dir) if out_dir else Path(run_dir) / "visualize"
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for name, fig in figures.items():
+        fig.save(out / f"{name}.png")
+        written.append(out / f"{name}.png")
     return written
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launch.visualize", description=__doc__.split("\n\n")[0])
+    """`python -m launch.visualize RUN_DIR [--out DIR] [--images N] [--data SHARDS] [--cache DIR]`."""
+    p = ArgumentParser(prog="python -m launch.visualize", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", help="a run's output folder (export/, checkpoints/, metrics.jsonl)")
     p.add_argument("--out", help="where the PNG files go (default: RUN_DIR/visualize)")
     p.add_argument("--images", type=int, default=6, help="sample images per figure")
     p.add_argument("--data", help="shards to take the sample images from (default: the embedded digits; the "
                                   "run's own data specs are never opened, they may hold pipe: commands)")
     p.add_argument("--cache", help="where the embedded digits shards are built")
-    args = p.parse_args(argv)
-    if args.images < 1:
-        p.error("--images must be at least 1")
     try:
+        args = p.parse_args(argv)
+        if args.images < 1:
+            p.error("--images must be at least 1")
         written = visualize_run(args.run_dir, args.out, images=args.images, data=args.data, cache=args.cache)
-    except (ssl_vit.SslVitError, FileNotFoundError, ValueError) as err:
+    except (ssl_vit.SslVitError, OSError, ValueError) as err:
         print(f"visualize: error: {err}", file=sys.stderr)
         return 2
     for path in written:

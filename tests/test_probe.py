@@ -122,11 +122,31 @@ def test_export_from_run_matches_training_backbone(run_dir):
 
 
 def test_pictures_of_a_run(run_dir):
-    _run(["-m", "launch.visualize", str(run_dir)], run_dir.parent)
+    """The figures show content: not blank, and the rows of different images differ."""
+    import numpy as np
     from PIL import Image
+
+    _run(["-m", "launch.visualize", str(run_dir)], run_dir.parent)
     for name in ("attention", "reconstruction", "curves"):
         with Image.open(run_dir / "visualize" / f"{name}.png") as img:
-            assert img.width > 100 and img.height > 100
+            pixels = np.asarray(img.convert("L"), dtype=np.float32)
+        assert img.width > 100 and img.height > 100
+        assert pixels.std() > 10, f"{name}.png is (nearly) blank"
+        # curves are lines on white; the image grids are mostly picture
+        drawn = (pixels < 250).mean() if name == "curves" else (pixels != np.median(pixels)).mean()
+        assert drawn > (0.01 if name == "curves" else 0.1), f"{name}.png is mostly one colour"
+
+
+def test_attention_maps_depend_on_the_image():
+    """Maps of two different images differ, and a map is not constant over the grid."""
+    from launch.visualize import attention_maps
+
+    backbone = ssl_vit.create_backbone("vit_tiny").eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    maps, what = attention_maps(backbone, x)
+    assert what == "class token" and maps.shape[:2] == (2, backbone.init_config["heads"])
+    assert (maps.flatten(2).std(-1) > 0.05).all()
+    assert (maps[0] - maps[1]).abs().max() > 0.05
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,10 @@
-"""Collapse monitor: a DINO-family loss that sits at ln K (a uniform output) for many steps has collapsed.
+"""Collapse monitor for the DINO family, whose `Objective.collapse_loss()` declares ln K (None: no such level).
 
-`Objective.collapse_loss()` declares the level (None: the objective has none). The monitor warns once per
-episode when the per-step loss stays within 1 % of it for `window` consecutive steps; the objective's own
-metrics (teacher entropy, KL to uniform) are logged with every record by the metrics hook.
+Two collapses (Caron et al. 2021, Sec. 5.3): to a uniform output, where the loss sits at ln K and the
+teacher's entropy near ln K; and to one prototype, where the teacher's batch-mean output is far from uniform
+(`kl_to_uniform` near ln K). The monitor warns once per episode when either holds for `window` consecutive
+steps (the loss within 1 % of ln K, the entropy above 95 % of it, or the KL above 90 % of it); the metrics
+themselves are logged with every record by the metrics hook.
 """
 
 from __future__ import annotations
@@ -24,12 +26,17 @@ class CollapseMonitor(Hook):
     def after_step(self, trainer: Any, result: StepResult) -> None:
         if self.level is None or result.skipped or not math.isfinite(result.loss):
             return
-        if abs(result.loss - self.level) <= self.tolerance * self.level:
+        metrics = trainer.objective.metrics
+        uniform = abs(result.loss - self.level) <= self.tolerance * self.level or \
+            float(metrics.get("teacher_entropy", 0.0)) > 0.95 * self.level
+        one_prototype = float(metrics.get("kl_to_uniform", 0.0)) > 0.9 * self.level
+        if uniform or one_prototype:
             self.near += 1
         else:
             self.near, self.warned = 0, False
         if self.near >= self.window and not self.warned:
             self.warned = True
-            trainer.log.print(f"warning: step {result.done}: the loss has stayed within {self.tolerance:.0%} of "
-                              f"{self.level:.3f} (ln K, a uniform output) for {self.near} steps: the run looks "
-                              "collapsed; check teacher_entropy in metrics.jsonl and the recipe (docs/recipes.md)")
+            what = "a uniform output (loss or teacher entropy at ln K)" if uniform else "one prototype for every image"
+            trainer.log.print(f"warning: step {result.done}: for {self.near} steps the teacher has given {what}, "
+                              f"ln K = {self.level:.3f}: the run looks collapsed; see teacher_entropy and "
+                              "kl_to_uniform in metrics.jsonl and the recipe notes in docs/recipes.md")

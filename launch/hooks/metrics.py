@@ -27,6 +27,7 @@ class MetricsLogger(Hook):
         self.wait = self.seconds = 0.0
 
     def after_step(self, trainer: Any, result: StepResult) -> None:
+        trainer.log.start()  # the bar opens once a step has run: an input error at the first step stays one line
         self.skipped_steps += int(result.skipped)
         if not result.skipped:
             self.losses.append(result.loss)

@@ -1,0 +1,103 @@
+"""The loop's hooks and its clipping, on a stand-in trainer: the guard stops a diverging run, the collapse
+monitor warns on both collapses, per-parameter clipping follows DINO's formula."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from launch.errors import DivergedError
+from launch.hooks import StepResult
+from launch.hooks.collapse import CollapseMonitor
+from launch.hooks.guard import NonFiniteGuard
+from launch.loop import clip_gradients
+
+
+class Log:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def print(self, text: str) -> None:
+        self.lines.append(text)
+
+
+def trainer(level: float | None = None, *, max_bad: int = 3, metrics: dict | None = None, model=None):
+    objective = model or torch.nn.Linear(2, 2)
+    objective.metrics = metrics if metrics is not None else {}
+    objective.collapse_loss = lambda: level
+    train = SimpleNamespace(max_bad_steps=max_bad, steps=1000, log_every=1000, checkpoint_every=1000)
+    return SimpleNamespace(cfg=SimpleNamespace(train=train), objective=objective, log=Log(), stop=1000,
+                           last_checkpoint=None)
+
+
+def result(step: int, loss: float, skipped: bool = False) -> StepResult:
+    return StepResult(step, loss, 1.0, 1e-3, 0.0, skipped, 8, 0.0, 0.1, {})
+
+
+def test_guard_counts_skips_and_stops_after_the_limit():
+    t = trainer(max_bad=3)
+    guard = NonFiniteGuard(t)
+    guard.after_step(t, result(0, math.nan, skipped=True))
+    guard.after_step(t, result(1, 1.0))  # a good step resets the count
+    guard.after_step(t, result(2, math.inf, skipped=True))
+    guard.after_step(t, result(3, math.nan, skipped=True))
+    with pytest.raises(DivergedError, match="3 consecutive non-finite steps up to step 5"):
+        guard.after_step(t, result(4, math.nan, skipped=True))
+    assert len(t.log.lines) == 4 and "skipped" in t.log.lines[0]
+
+
+def test_guard_stops_on_a_non_finite_weight():
+    t = trainer()
+    t.cfg.train.log_every = 1
+    with torch.no_grad():
+        t.objective.weight[0, 0] = math.nan
+    with pytest.raises(DivergedError, match="weight weight is not finite"):
+        NonFiniteGuard(t).after_step(t, result(0, 1.0))
+
+
+def test_collapse_monitor_warns_once_at_ln_k_and_not_elsewhere():
+    level = math.log(256)
+    t = trainer(level)
+    monitor = CollapseMonitor(t, window=5)
+    for step in range(4):
+        monitor.after_step(t, result(step, level * 1.005))
+    assert not t.log.lines
+    for step in range(4, 12):
+        monitor.after_step(t, result(step, level * 0.998))
+    assert len(t.log.lines) == 1 and "uniform" in t.log.lines[0]
+    healthy = trainer(level)
+    monitor = CollapseMonitor(healthy, window=5)
+    for step in range(20):
+        monitor.after_step(healthy, result(step, level * 0.6))
+    assert not healthy.log.lines
+
+
+def test_collapse_monitor_sees_one_prototype_collapse():
+    level = math.log(256)
+    t = trainer(level, metrics={"teacher_entropy": 0.01, "kl_to_uniform": level * 0.99})
+    monitor = CollapseMonitor(t, window=3)
+    for step in range(3):
+        monitor.after_step(t, result(step, 2.0))
+    assert len(t.log.lines) == 1 and "one prototype" in t.log.lines[0]
+    assert CollapseMonitor(trainer(None), window=1).level is None
+
+
+@pytest.mark.parametrize("mode", ["global", "per_param"])
+def test_clipping_follows_its_formula(mode):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 10
+    before = [p.grad.clone() for p in model.parameters()]
+    optim = SimpleNamespace(clip_grad=1.0, clip_mode=mode)
+    t = SimpleNamespace(cfg=SimpleNamespace(optim=optim), objective=model, scaler=None)
+    total = clip_gradients(t)
+    assert torch.isclose(total, torch.linalg.vector_norm(torch.stack([g.norm() for g in before])))
+    for g, p in zip(before, model.parameters()):
+        if mode == "per_param":  # DINO's utils.clip_gradients: each parameter's norm on its own
+            expect = g * min(1.0, 1.0 / (g.norm().item() + 1e-6))
+        else:
+            expect = g * min(1.0, 1.0 / (total.item() + 1e-6))
+        torch.testing.assert_close(p.grad, expect)
