@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-fast lint bench bench-quality clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# The quick tier: a few presets of every sweep, the loss parity tests and one end-to-end run.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m fast
+
 # Benchmarks run in their own environment with the peers (vit-pytorch, lightly) installed.
 .venv-bench/.installed: $(STAMP) benchmarks/requirements.txt
 	test -x .venv-bench/bin/python || $(PYTHON) -m venv .venv-bench
@@ -34,7 +38,12 @@ test: $(STAMP)
 	touch $@
 
 bench: .venv-bench/.installed
-	for f in benchmarks/bench_*.py; do .venv-bench/bin/python -m benchmarks.$$(basename $$f .py) || exit 1; done
+	for f in benchmarks/bench_*.py; do [ $$f = benchmarks/bench_quality.py ] && continue; \
+		.venv-bench/bin/python -m benchmarks.$$(basename $$f .py) || exit 1; done
+
+# Learning quality at a fixed wall-clock budget: all objectives, both data sets, 300 s per run (add --peers by hand).
+bench-quality: .venv-bench/.installed
+	.venv-bench/bin/python -m benchmarks.bench_quality
 
 clean:
 	rm -rf $(VENV) .venv-bench build *.egg-info

@@ -7,6 +7,7 @@ same methods everywhere and only rank 0 writes.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Mapping
@@ -65,7 +66,9 @@ class RunLogger:
     def scalars(self, step: int, values: Mapping[str, float], prefix: str = "train") -> None:
         if not self.enabled:
             return
-        record = {"step": step, "time": round(time.time(), 3), **{f"{prefix}/{k}": float(v) for k, v in values.items()}}
+        # non-finite values are written as null: metrics.jsonl stays strict JSON
+        record = {"step": step, "time": round(time.time(), 3),
+                  **{f"{prefix}/{k}": float(v) if math.isfinite(float(v)) else None for k, v in values.items()}}
         self.jsonl.write(json.dumps(record) + "\n")
         if self.tb is not None:
             for k, v in values.items():

@@ -37,3 +37,29 @@ def second_size(model: ssl_vit.Backbone) -> tuple[int, ...]:
 @pytest.fixture(scope="session")
 def tmp_root(tmp_path_factory):
     return tmp_path_factory.mktemp("ssl_vit")
+
+
+# ---- the fast tier (`make test-fast`, `pytest -m fast`): a few presets of every sweep, the loss parity tests
+# and one end-to-end run with resume. `make test` runs everything.
+FAST_PRESETS = {"vit_tiny", "simple_vit_tiny", "cvt_tiny", "max_vit_tiny", "vit_3d_tiny"}
+FAST_FILES = {"test_losses_reconstruction.py", "test_dino_esvit_distill.py", "test_masking.py", "test_layers.py",
+              "test_files.py", "test_launch_config.py", "test_registry.py"}
+SWEEP_FILES = {"test_backbone_conformance.py", "test_objective_matrix.py"}
+FAST_TESTS = {"test_launch_run.py::test_resume_repeats_the_per_step_losses"}
+
+
+def _is_fast(item: pytest.Item) -> bool:
+    file = item.path.name
+    if file in FAST_FILES or f"{file}::{item.originalname}" in FAST_TESTS:
+        return True
+    if file in SWEEP_FILES:
+        params = getattr(item, "callspec", None)
+        names = {v for v in params.params.values() if isinstance(v, str)} if params is not None else set()
+        return bool(names & FAST_PRESETS)
+    return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _is_fast(item):
+            item.add_marker(pytest.mark.fast)
