@@ -366,6 +366,7 @@ class TrainConfig:
     val_batches: int = key(int, min=0)
     knn_every: int = key(int, min=0)
     knn_batches: int = key(int, min=1)
+    online_probe_every: int = key(int, min=0)
     image_every: int = key(int, min=0)
 
 

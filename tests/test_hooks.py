@@ -101,3 +101,24 @@ def test_clipping_follows_its_formula(mode):
         else:
             expect = g * min(1.0, 1.0 / (total.item() + 1e-6))
         torch.testing.assert_close(p.grad, expect)
+
+
+def test_online_probe_logs_top1_and_leaves_training_alone(tmp_path):
+    """The same backbone weights with and without the online probe; its top-1 is in metrics.jsonl."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from .test_launch_run import run
+
+    common = ["--objective", "mae", "--backbone", "vit", "--steps", "3", "--set", "data.batch_size=8",
+              "--set", "data.num_workers=0", "--set", "train.val_batches=0", "--set", "train.log_every=1",
+              "--set", f"data.cache={tmp_path / 'c'}"]
+    assert run([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert run([*common, "--set", "train.online_probe_every=3", "--out", str(tmp_path / "probe")]) == 0
+    a = load_file(tmp_path / "plain" / "checkpoints" / "step_0000003" / "objective.safetensors")
+    b = load_file(tmp_path / "probe" / "checkpoints" / "step_0000003" / "objective.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    records = [json.loads(line) for line in (tmp_path / "probe" / "metrics.jsonl").read_text().splitlines()]
+    top1 = [r["val/online_probe_top1"] for r in records if "val/online_probe_top1" in r]
+    assert len(top1) == 1 and 0.0 <= top1[0] <= 100.0

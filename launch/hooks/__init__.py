@@ -5,6 +5,7 @@
 - `metrics.MetricsLogger`: progress bar, metrics.jsonl and TensorBoard every `train.log_every` steps;
 - `validation.Validation`: the objective's loss on `--val-data` every `train.val_every` steps;
 - `validation.KnnMonitor`: DINO's weighted k-NN of the backbone to export every `train.knn_every` steps;
+- `online_probe.OnlineProbe`: a linear head on frozen features, its top-1 every `train.online_probe_every` steps;
 - `pictures.Pictures`: attention maps and reconstructions in TensorBoard every `train.image_every` steps;
 - `checkpointing.Checkpointing`: a checkpoint every `train.checkpoint_every` steps and at the end.
 
@@ -20,6 +21,7 @@ from .checkpointing import Checkpointing
 from .collapse import CollapseMonitor
 from .guard import NonFiniteGuard
 from .metrics import MetricsLogger
+from .online_probe import OnlineProbe
 from .pictures import Pictures
 from .validation import KnnMonitor, Validation
 
@@ -29,4 +31,4 @@ __all__ = ["Hook", "StepResult", "default_hooks"]
 def default_hooks(trainer: Any) -> list[Hook]:
     """The hooks of a pretraining run, in the order they run."""
     return [NonFiniteGuard(trainer), CollapseMonitor(trainer), MetricsLogger(trainer), Validation(trainer),
-            KnnMonitor(trainer), Pictures(trainer), Checkpointing(trainer)]
+            KnnMonitor(trainer), OnlineProbe(trainer), Pictures(trainer), Checkpointing(trainer)]
