@@ -65,7 +65,7 @@ def _rgb(image: torch.Tensor) -> np.ndarray:
 
 
 def _grid_axes(rows: int, cols: int, title: str | None) -> tuple[Figure, np.ndarray]:
-    top = 0.45 if title else 0.0
+    top = 0.3 if title else 0.0
     fig = Figure(figsize=(cols * CELL, rows * CELL + 0.3 + top), dpi=DPI, facecolor="white")
     axes = fig.subplots(rows, cols, squeeze=False)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - (0.3 + top) / (rows * CELL + 0.3 + top),
