@@ -90,5 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ssl_vit.SslVitError, OSError) as err:
         print(f"export.py: error: {err}", file=sys.stderr)
         return 2
-    print(f"exported: {out} (load with ssl_vit.load_backbone('{out}'))")
+    how = ("run backbone.onnx with an ONNX runtime" if args.format == "onnx"
+           else f"load with ssl_vit.load_backbone('{out}')")
+    print(f"exported: {out} ({how})")
     return 0
