@@ -104,3 +104,75 @@ def peak_memory_mb(build: Callable[[int], Callable[[], None]], batch: int, threa
     value = queue.get()
     proc.join()
     return value
+
+
+def profile_step(step: Callable[[], None], top: int = 25, attribute: tuple[str, ...] = (
+        "clone", "cat", "fill_", "copy_", "_to_copy", "square", "zero_", "stack", "zeros_like", "lerp_",
+        "_local_scalar_dense", "item", "nonzero"),
+        root: str | None = None, warmup: int = 1) -> None:
+    """Profile one call of `step` (after `warmup` calls) with torch.profiler and print the `top` ops by
+    self CPU time; then run it once more under a dispatch mode that counts, for each aten op named in
+    `attribute`, its calls grouped by the innermost Python frame under `root` (default: the repository,
+    outside virtual environments), so each fixed per-step cost can be traced to a file:line (ops of the
+    backward pass show the line that called `backward`)."""
+    import traceback
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    root = os.path.abspath(root or os.path.join(os.path.dirname(__file__), os.pardir))
+    for _ in range(warmup):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
+    nested: dict[str, Counter] = {}
+    for evt in prof.events():  # every call, nested ones included, by the outermost op it runs under
+        name = evt.name.removeprefix("aten::")
+        if name not in attribute:
+            continue
+        outer = evt
+        while outer.cpu_parent is not None:
+            outer = outer.cpu_parent
+        nested.setdefault(name, Counter())[outer.name] += 1
+    for name, counter in nested.items():
+        print(f"aten::{name}: {sum(counter.values())} kernel-level calls, by outermost op: "
+              + ", ".join(f"{n} {op}" for op, n in counter.most_common(6)))
+
+    calls: dict[str, Counter] = {name: Counter() for name in attribute}
+
+    def site() -> str:
+        for frame in reversed(traceback.extract_stack()):
+            path = os.path.abspath(frame.filename)
+            if path.startswith(root) and "/.venv" not in path and not path.endswith("benchmarks/common.py"):
+                return f"{os.path.relpath(path, root)}:{frame.lineno} ({frame.name})"
+        return "(no frame under the repository)"
+
+    class Sites(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in calls:
+                calls[name][site()] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Sites():
+        step()
+    for name, counter in calls.items():
+        total = sum(counter.values())
+        if total:
+            print(f"aten::{name}: {total} calls per step")
+            for where, n in counter.most_common(8):
+                print(f"    {n:5d}  {where}")
+
+
+def autocast_step(step: Callable[[], None], device: str = "cpu",
+                  dtype: torch.dtype = torch.bfloat16) -> Callable[[], None]:
+    """`step` under `torch.autocast(device, dtype)` (what `accelerate launch --mixed_precision bf16` does
+    around the forward; the backward then runs in the dtypes the forward chose)."""
+
+    def wrapped() -> None:
+        with torch.autocast(device, dtype=dtype):
+            step()
+
+    return wrapped

@@ -175,6 +175,7 @@ class Trainer:
     last_checkpoint: Path | None = None
     last_loss: float = float("nan")
     data_wait: float = 0.0  # share of the time spent waiting for data (the metrics hook keeps it)
+    meter: Any = None  # launch.throughput.Throughput, made at the first step (FLOPs counted on its views)
 
     @property
     def total(self) -> int:

@@ -12,6 +12,7 @@ checkpoint load (launch.build), `step` counting from 0.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import shutil
 import time
@@ -35,6 +36,7 @@ from .hooks.guard import CAUSES, first_non_finite
 from .logging import RunLogger, summary_lines, truncate_metrics
 from .plan import Plan
 from .schedules import lr_at, wd_at
+from .throughput import Throughput, count_step_flops, peak_flops
 
 
 def clip_gradients(trainer: Trainer) -> torch.Tensor:
@@ -53,6 +55,24 @@ def clip_gradients(trainer: Trainer) -> torch.Tensor:
     elif o.clip_grad:
         torch._foreach_mul_(grads, (o.clip_grad / (total + 1e-6)).clamp(max=1.0).to(grads[0].dtype))
     return total
+
+
+def make_meter(trainer: Trainer, views: list[torch.Tensor], labels: torch.Tensor | None) -> Throughput:
+    """The run's throughput meter: FLOPs of one optimizer step counted once on the first views (on a copy of
+    the objective under DDP, whose gradient hooks must only see real steps), and the device's peak."""
+    acc = trainer.accelerator
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(acc.mixed_precision), torch.float32)
+    objective = copy.deepcopy(trainer.objective) if trainer.world > 1 else trainer.objective
+    try:
+        with acc.autocast():
+            flops = count_step_flops(objective, views, labels) * trainer.cfg.optim.grad_accum
+        peak, source = peak_flops(acc.device, dtype)
+    except (RuntimeError, NotImplementedError) as err:  # a monitor: the run goes on without FLOP/s and MFU
+        trainer.log.print(f"FLOPs not counted ({type(err).__name__}: {str(err).splitlines()[0]}): no MFU reported")
+        return Throughput(acc.device)
+    trainer.log.print(f"{flops / 1e9:.3g} GFLOP per optimizer step and process; peak {peak / 1e12:.3g} TFLOP/s "
+                      f"({source})")
+    return Throughput(acc.device, flops, peak)
 
 
 def train_step(trainer: Trainer, step: int) -> StepResult:
@@ -74,9 +94,13 @@ def train_step(trainer: Trainer, step: int) -> StepResult:
         trainer.first_keys = trainer.first_keys or list(batch["key"])
         views = make_views(batch["image"].to(acc.device, non_blocking=True), trainer.specs, normalize=trainer.norm,
                            boxes=batch["box"].to(acc.device, non_blocking=True))
+        labels = batch["label"].to(acc.device) if trainer.objective.needs_labels else None
+        if trainer.meter is None:
+            c0 = time.perf_counter()
+            trainer.meter = make_meter(trainer, views, labels)
+            t0 += time.perf_counter() - c0  # counting is not training time
         sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(trainer.model)
         with sync, acc.autocast():
-            labels = batch["label"].to(acc.device) if trainer.objective.needs_labels else None
             loss = trainer.model(views, labels=labels) if labels is not None else trainer.model(views)
         with sync:
             acc.backward(loss / accum)
@@ -200,6 +224,8 @@ def finish(trainer: Trainer) -> dict[str, Any]:
             loss = f"{trainer.last_loss:.4f}" if math.isfinite(trainer.last_loss) else "n/a"
             print(f"done: {trainer.stop} steps, last loss {loss}, data wait {data_wait:.0%}, "
                   f"skipped samples {trainer.skips.total}", flush=True)
+            if trainer.meter is not None:
+                print(f"throughput: {trainer.meter.describe()}", flush=True)
             if trainer.skips.bad_shards or trainer.skips.total:
                 print(trainer.skips.summary(), flush=True)
             print(f"checkpoints: {plan.out / 'checkpoints'} (latest: {trainer.last_checkpoint})", flush=True)

@@ -16,9 +16,10 @@ from .base import Hook, StepResult
 
 
 class CollapseMonitor(Hook):
-    def __init__(self, trainer: Any, window: int = 50, tolerance: float = 0.01) -> None:
+    def __init__(self, trainer: Any, window: int | None = None, tolerance: float = 0.01) -> None:
         self.level = trainer.objective.collapse_loss()
-        self.window = max(1, min(window, trainer.cfg.train.steps // 5))
+        # default: a fifth of the run, between 10 and 50 steps (a few early steps near ln K are normal)
+        self.window = window if window is not None else max(10, min(50, trainer.cfg.train.steps // 5))
         self.tolerance = tolerance
         self.near = 0
         self.warned = False

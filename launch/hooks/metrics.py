@@ -1,7 +1,8 @@
 """Metrics every `train.log_every` steps: the progress bar, `metrics.jsonl` and TensorBoard.
 
-A record holds the loss (mean over processes), learning rate, weight decay, gradient norm, images/s, the
-share of time spent waiting for data, skipped samples and steps, and the objective's own metrics.
+A record holds the loss (mean over processes), learning rate, weight decay, gradient norm, throughput
+(images/s over all processes, FLOP/s and MFU per device, data-wait share, peak memory: launch.throughput),
+skipped samples and steps, and the objective's own metrics.
 """
 
 from __future__ import annotations
@@ -17,23 +18,15 @@ from .base import Hook, StepResult, due
 class MetricsLogger(Hook):
     def __init__(self, trainer: Any) -> None:
         self.every = trainer.cfg.train.log_every
-        self._reset()
+        self.losses: list[float] = []  # this window's losses of steps not skipped
         self.skipped_steps = 0
-        self.wait_total = self.time_total = 0.0
-
-    def _reset(self) -> None:
-        self.losses: list[float] = []
-        self.images = 0
-        self.wait = self.seconds = 0.0
 
     def after_step(self, trainer: Any, result: StepResult) -> None:
         trainer.log.start()  # the bar opens once a step has run: an input error at the first step stays one line
         self.skipped_steps += int(result.skipped)
         if not result.skipped:
             self.losses.append(result.loss)
-        self.images += result.images
-        self.wait += result.data_wait
-        self.seconds += result.seconds
+        trainer.meter.update(result.images, result.seconds, result.data_wait)
         if not due(result.done, self.every, trainer.stop):
             return
         acc = trainer.accelerator
@@ -43,9 +36,7 @@ class MetricsLogger(Hook):
         skipped = trainer.skips.total
         if trainer.world > 1:
             skipped = int(acc.reduce(torch.tensor(skipped, device=acc.device), reduction="sum"))
-        seconds = max(self.seconds, 1e-9)
-        record = {"loss": loss, "lr": result.lr, "weight_decay": result.weight_decay,
-                  "images_per_s": self.images / seconds, "data_wait": self.wait / seconds,
+        record = {"loss": loss, "lr": result.lr, "weight_decay": result.weight_decay, **trainer.meter.window(),
                   "skipped_samples": skipped, "skipped_steps": self.skipped_steps}
         if math.isfinite(result.grad_norm):
             record["grad_norm"] = result.grad_norm
@@ -54,11 +45,11 @@ class MetricsLogger(Hook):
         trainer.log.scalars(result.done, record)
         postfix = {"loss": f"{loss:.4f}", "lr": f"{result.lr:.2e}", "img/s": f"{record['images_per_s']:.0f}",
                    "wait": f"{record['data_wait']:.0%}"}
+        if "mfu" in record:
+            postfix["mfu"] = f"{record['mfu']:.1%}"
         if self.skipped_steps:
             postfix["skipped"] = str(self.skipped_steps)
         trainer.log.progress(result.done, postfix)
         trainer.last_loss = loss
-        self.wait_total += self.wait
-        self.time_total += self.seconds
-        trainer.data_wait = self.wait_total / self.time_total if self.time_total else 0.0
-        self._reset()
+        trainer.data_wait = trainer.meter.totals()["data_wait"]
+        self.losses = []
