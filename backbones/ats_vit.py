@@ -69,7 +69,7 @@ class ATSBlock(nn.Module):
     """Pre-norm block whose attention may sample tokens (B, R+N, D) -> (B, R+M, D).
 
     The first token is the class token (its attention row gives the scores); the first `r` tokens
-    (class and extra tokens) are always kept.
+    (class, register and extra tokens) are always kept.
     """
 
     def __init__(self, dim: int, heads: int, dim_head: int, mlp_dim: int, num_tokens: int | None, *,
@@ -139,6 +139,7 @@ class ATSViT(TokenBackbone):
         dropout: float = 0.0,
         emb_dropout: float = 0.0,
         drop_path: float = 0.0,
+        num_registers: int = 0,
     ) -> None:
         super().__init__()
         budget = [int(t) for t in max_tokens_per_depth]
@@ -148,7 +149,7 @@ class ATSViT(TokenBackbone):
             raise ValueError(f"max_tokens_per_depth must be positive and non-increasing, got {tuple(budget)}")
         self.build_tokens(image_size=image_size, patch_size=patch_size, dim=dim, channels=channels,
                           pos="learned", num_cls_tokens=1, pool="cls", emb_dropout=emb_dropout,
-                          num_classes=num_classes)
+                          num_classes=num_classes, num_registers=num_registers)
         rates = drop_path_rates(drop_path, depth)
         self.blocks = nn.ModuleList(
             ATSBlock(dim, heads, dim_head, mlp_dim, t, dropout=dropout, drop_path=p) for t, p in zip(budget, rates)

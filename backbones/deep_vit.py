@@ -110,11 +110,12 @@ class DeepViT(TokenBackbone):
         dropout: float = 0.0,
         emb_dropout: float = 0.0,
         drop_path: float = 0.0,
+        num_registers: int = 0,
     ) -> None:
         super().__init__()
         self.build_tokens(image_size=image_size, patch_size=patch_size, dim=dim, channels=channels,
                           pos="learned", num_cls_tokens=1, pool=pool, emb_dropout=emb_dropout,
-                          num_classes=num_classes)
+                          num_classes=num_classes, num_registers=num_registers)
         rates = drop_path_rates(drop_path, depth)
         self.transformer = block_stack([
             Block(dim, heads, dim_head, mlp_dim, dropout=dropout, drop_path=r,

@@ -73,13 +73,14 @@ class ParallelViT(TokenBackbone):
         dropout: float = 0.0,
         emb_dropout: float = 0.0,
         drop_path: float = 0.0,
+        num_registers: int = 0,
     ) -> None:
         super().__init__()
         if num_parallel_branches < 1:
             raise ValueError(f"num_parallel_branches must be at least 1, got {num_parallel_branches}")
         self.build_tokens(image_size=image_size, patch_size=patch_size, dim=dim, channels=channels,
                           pos="learned", num_cls_tokens=1, pool=pool, emb_dropout=emb_dropout,
-                          num_classes=num_classes)
+                          num_classes=num_classes, num_registers=num_registers)
         self.transformer = ParallelTransformer(dim, depth, heads, dim_head, mlp_dim, num_parallel_branches,
                                                dropout=dropout, drop_path=drop_path)
         self.norm = nn.LayerNorm(dim)

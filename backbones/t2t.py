@@ -95,12 +95,13 @@ class T2TViT(TokenBackbone):
         transformer: nn.Module | None = None,
         t2t_layers: Sequence[tuple[int, int]] = ((7, 4), (3, 2), (3, 2)),
         drop_path: float = 0.0,
+        num_registers: int = 0,
     ) -> None:
         super().__init__()
         stem = T2TStem(channels, dim, t2t_layers, dropout)
         self.build_tokens(image_size=image_size, patch_size=stem.stride, dim=dim, channels=channels,
                           pos="learned", num_cls_tokens=1, pool=pool, emb_dropout=emb_dropout,
-                          num_classes=num_classes)
+                          num_classes=num_classes, num_registers=num_registers)
         self.patch_embed = stem  # replaces the plain patch embedding: same (tokens, grid) contract
         if transformer is None:
             if depth is None or heads is None or mlp_dim is None:

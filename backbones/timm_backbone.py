@@ -77,6 +77,7 @@ class TimmViT(Backbone):
         self.mask_unit = tuple(pe.patch_size)
         self.size_multiple = math.lcm(*pe.patch_size)
         self.num_prefix_tokens = model.num_prefix_tokens
+        self.num_registers = model.num_reg_tokens  # timm's `reg_token`, after its class token
         caps = {TOKEN_DROP, MASK_TOKEN, EXTRA_TOKENS}
         if model.pos_embed is not None:
             caps.add(POS_FREE)

@@ -6,12 +6,13 @@ in ssl_vit. The seed README's keyword arguments are accepted unchanged.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from ssl_vit import IncompatibleBackbone, TokenBackbone, register_presets
+from ssl_vit import IncompatibleBackbone, TokenBackbone, WeightsMismatch, register_presets
 from ssl_vit.layers import LN_EPS, Transformer
 
 __all__ = ["ViT", "SimpleViT"]
@@ -24,7 +25,7 @@ _TIMM_NAMES = {
     (1024, 24, 16): "vit_large_patch16_224",
 }
 _TIMM_DEFAULTS = dict(img_size=224, patch_size=16, in_chans=3, mlp_ratio=4.0, qkv_bias=True, qk_norm=False,
-                      init_values=None, class_token=True, global_pool="token")
+                      init_values=None, class_token=True, reg_tokens=0, global_pool="token")
 
 
 class _TimmLayout:
@@ -33,6 +34,11 @@ class _TimmLayout:
     timm keeps class-token and patch positions in one `pos_embed` table (1, R+N, D) and names the
     blocks `blocks.<i>....` as ours are named under `transformer.`; sin-cos positions are written as
     timm's (learnable) table. The mask token has no place in timm and is left out.
+
+    Register tokens (Darcet et al. 2024) are timm's `reg_token` (1, num_registers, D) with
+    `reg_tokens=num_registers`: timm orders the prefix class token, then registers, as we do, and
+    its table gives them positions, which ours lack, so they are written as zero rows. Read back,
+    any register rows of a table are folded into `reg_token` (a constant added to a constant).
     """
 
     def timm_counterpart(self) -> tuple[str, dict[str, Any]]:
@@ -57,6 +63,7 @@ class _TimmLayout:
             qk_norm=bool(cfg.get("qk_norm", False)),
             init_values=cfg.get("layer_scale"),
             class_token=self.cls_token is not None,
+            reg_tokens=self.num_registers,
             global_pool="avg" if mean_pool else "token",
         )
         name = _TIMM_NAMES.get((dim, depth, heads))
@@ -76,30 +83,43 @@ class _TimmLayout:
                 continue
             if key.startswith("transformer.blocks."):
                 key = key.removeprefix("transformer.")
-            elif not key.startswith(("patch_embed.", "norm.", "head.", "cls_token")):
+            elif not key.startswith(("patch_embed.", "norm.", "head.", "cls_token", "reg_token")):
                 raise IncompatibleBackbone(f"parameter '{key}' has no place in timm's VisionTransformer")
             out[key] = value
-        if self.prefix_pos is not None:  # learned: class-token positions first, as in timm's one table
-            out["pos_embed"] = torch.cat([self.prefix_pos, self.pos_embed.weight], dim=1).detach()
-        elif self.pos == "learned":
-            out["pos_embed"] = self.pos_embed.weight.detach()
+        if self.pos == "learned":
+            patch_pos = self.pos_embed.weight.detach()
         else:  # sin-cos: timm keeps the computed table as a parameter (1, N, D)
             grid = tuple(s // p for s, p in zip(self.default_size, self.mask_unit))
-            out["pos_embed"] = self.pos_embed(grid, dtype=self.mask_token.dtype)
+            patch_pos = self.pos_embed(grid, dtype=self.mask_token.dtype)
+        # timm's one table: class-token positions, zero rows for the registers, then the patches.
+        parts = [] if self.prefix_pos is None else [self.prefix_pos.detach()]
+        if self.reg_token is not None:
+            parts.append(patch_pos.new_zeros(1, self.num_registers, patch_pos.shape[-1]))
+        out["pos_embed"] = torch.cat([*parts, patch_pos], dim=1) if parts else patch_pos
         return out
 
     def state_dict_from_timm(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         own = self.state_dict()
         out: dict[str, torch.Tensor] = {}
+        reg_pos = None
         for key, value in state.items():
             if key == "pos_embed":
+                c = own["prefix_pos"].shape[1] if "prefix_pos" in own else 0
+                r = value.shape[1] - math.prod(s // p for s, p in zip(self.default_size, self.mask_unit))
+                if r not in (0, c + self.num_registers):
+                    raise WeightsMismatch(f"timm pos_embed {tuple(value.shape)} has {r} prefix rows; this "
+                                          f"{type(self).__name__} has {c} class and {self.num_registers} "
+                                          "register tokens")
+                if r > c:  # the table's register rows: folded into reg_token below
+                    reg_pos = value[:, c:r]
                 if "pos_embed.weight" in own:
-                    r = own["prefix_pos"].shape[1] if "prefix_pos" in own else 0
-                    if r:
-                        out["prefix_pos"] = value[:, :r]
+                    if c:  # a table without prefix rows (timm's no_embed_class) gives the class token none
+                        out["prefix_pos"] = value[:, :c] if r else torch.zeros_like(own["prefix_pos"])
                     out["pos_embed.weight"] = value[:, r:]
-                continue  # sin-cos positions are computed, not loaded
+                continue  # sin-cos patch positions are computed, not loaded
             out["transformer." + key if key.startswith("blocks.") else key] = value
+        if reg_pos is not None and "reg_token" in out:
+            out["reg_token"] = out["reg_token"] + reg_pos
         if "mask_token" not in out:  # timm has none: keep this model's own
             out["mask_token"] = own["mask_token"]
         return out
@@ -111,6 +131,7 @@ class ViT(_TimmLayout, TokenBackbone):
     (B, C, H, W) -> logits (B, num_classes), or pooled features (B, dim) with num_classes=0.
     `image_size`/`patch_size` may be (H, W) pairs; any size divisible by the patch works.
     `transformer=module` plugs in another transformer over (B, L, dim) (e.g. Nystromformer).
+    `num_registers`: register tokens after the class token (Darcet et al. 2024), never pooled.
     """
 
     def __init__(
@@ -133,11 +154,12 @@ class ViT(_TimmLayout, TokenBackbone):
         qk_norm: bool = False,
         drop_path: float = 0.0,
         layer_scale: float | None = None,
+        num_registers: int = 0,
     ) -> None:
         super().__init__()
         self.build_tokens(image_size=image_size, patch_size=patch_size, dim=dim, channels=channels,
                           pos="learned", num_cls_tokens=1, pool=pool, emb_dropout=emb_dropout,
-                          num_classes=num_classes)
+                          num_classes=num_classes, num_registers=num_registers)
         if transformer is None:
             if depth is None or heads is None or mlp_dim is None:
                 raise ValueError("ViT needs depth, heads and mlp_dim (or a `transformer` module)")
@@ -148,7 +170,10 @@ class ViT(_TimmLayout, TokenBackbone):
 
 
 class SimpleViT(_TimmLayout, TokenBackbone):
-    """Simple ViT: fixed 2-D sin-cos positions, no class token, mean pooling, no dropout."""
+    """Simple ViT: fixed 2-D sin-cos positions, no class token, mean pooling, no dropout.
+
+    `num_registers`: register tokens before the patches (Darcet et al. 2024), left out of the mean.
+    """
 
     def __init__(
         self,
@@ -165,10 +190,12 @@ class SimpleViT(_TimmLayout, TokenBackbone):
         qkv_bias: bool = False,
         qk_norm: bool = False,
         drop_path: float = 0.0,
+        num_registers: int = 0,
     ) -> None:
         super().__init__()
         self.build_tokens(image_size=image_size, patch_size=patch_size, dim=dim, channels=channels,
-                          pos="sincos", num_cls_tokens=0, pool="mean", num_classes=num_classes)
+                          pos="sincos", num_cls_tokens=0, pool="mean", num_classes=num_classes,
+                          num_registers=num_registers)
         self.transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, qkv_bias=qkv_bias,
                                        qk_norm=qk_norm, drop_path=drop_path)
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)

@@ -40,11 +40,13 @@ class ViT3D(TokenBackbone):
         emb_dropout: float = 0.0,
         qkv_bias: bool = False,
         drop_path: float = 0.0,
+        num_registers: int = 0,
     ) -> None:
         super().__init__()
         self.build_tokens(image_size=image_size, patch_size=image_patch_size, dim=dim, channels=channels,
                           pos="learned", num_cls_tokens=1, pool=pool, emb_dropout=emb_dropout,
-                          num_classes=num_classes, frames=frames, frame_patch_size=frame_patch_size)
+                          num_classes=num_classes, frames=frames, frame_patch_size=frame_patch_size,
+                          num_registers=num_registers)
         self.transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, dropout=dropout,
                                        qkv_bias=qkv_bias, drop_path=drop_path)
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
@@ -67,11 +69,12 @@ class SimpleViT3D(TokenBackbone):
         mlp_dim: int,
         channels: int = 3,
         dim_head: int = 64,
+        num_registers: int = 0,
     ) -> None:
         super().__init__()
         self.build_tokens(image_size=image_size, patch_size=image_patch_size, dim=dim, channels=channels,
                           pos="sincos", num_cls_tokens=0, pool="mean", num_classes=num_classes,
-                          frames=frames, frame_patch_size=frame_patch_size)
+                          frames=frames, frame_patch_size=frame_patch_size, num_registers=num_registers)
         self.transformer = Transformer(dim, depth, heads, dim_head, mlp_dim)
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
 

@@ -43,7 +43,7 @@ def last_blocks_cls(backbone: nn.Module, n: int) -> Callable[[torch.Tensor], tor
     transformer blocks or a class token."""
     blocks = [m for m in backbone.modules() if isinstance(m, Block)]
     norm = getattr(backbone, "norm", None)
-    if len(blocks) < n or getattr(backbone, "num_prefix_tokens", 0) < 1 or not isinstance(norm, nn.Module):
+    if len(blocks) < n or backbone.num_prefix_tokens - backbone.num_registers < 1 or not isinstance(norm, nn.Module):
         raise LaunchError(f"--n-last-blocks {n}: {type(backbone).__name__} has no class token over at least "
                           f"{n} transformer blocks; use the pooled features (--n-last-blocks 0)")
     outputs: list[torch.Tensor] = []

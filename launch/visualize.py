@@ -98,10 +98,10 @@ def attention_maps(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, 
     if last.shape[0] != x.shape[0] or prefix < 0 or last.shape[-2] != last.shape[-1]:
         raise LaunchError(f"{type(backbone).__name__}: its last attention layer is not global over the final "
                           "grid (windowed or pooled attention), so no per-image map can be drawn")
-    if prefix >= 1:
+    if prefix - backbone.num_registers >= 1:  # a class token in front of the registers
         maps, what = last[:, :, 0, prefix:], "class token"
-    else:
-        maps, what = last.mean(dim=2), "received"
+    else:  # what each patch receives from every query, register columns left out
+        maps, what = last[:, :, :, prefix:].mean(dim=2), "received"
     maps = maps.reshape(*maps.shape[:2], h, w)
     lo = maps.amin(dim=(-2, -1), keepdim=True)
     hi = maps.amax(dim=(-2, -1), keepdim=True)

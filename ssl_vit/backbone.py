@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import BadArgument, IncompatibleBackbone, InputDtypeError, InputShapeError, closest
+from .layers import Block, set_block_checkpointing
 
 TOKEN_DROP = "token_drop"      # the encoder runs on a subset of patch tokens (`keep`)
 MASK_TOKEN = "mask_token"      # hidden cells are replaced by a learned mask token
@@ -139,6 +140,9 @@ class Backbone(nn.Module):
     mask_unit: int | tuple[int, ...] = 16
     size_multiple: int = 16
     num_prefix_tokens: int = 0
+    # register tokens among the prefix tokens, after the class token (Darcet et al. 2024, "Vision Transformers
+    # Need Registers"): attention pictures and class-token readouts skip them
+    num_registers: int = 0
     capabilities: frozenset[str] = frozenset()
     # Set by ssl_vit.create_backbone: what rebuilds this model from the registry (None: built from its class).
     registry_name: str | None = None
@@ -304,6 +308,24 @@ class Backbone(nn.Module):
         """Inverse of `timm_state_dict`: a state dict for this module from timm-layout tensors."""
         self.timm_counterpart()
         raise NotImplementedError(f"{type(self).__name__} declares a timm counterpart but no state_dict_from_timm")
+
+    # ---- activation checkpointing -------------------------------------------------------------
+    @property
+    def supports_grad_checkpointing(self) -> bool:
+        """Whether `set_grad_checkpointing` has blocks to switch: True for every model built of the shared
+        `ssl_vit.layers.Block` (directly or through `Transformer`). Families with their own blocks override
+        this together with `set_grad_checkpointing`."""
+        return any(isinstance(m, Block) for m in self.modules())
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each shared block's activations in backward (training with grad enabled only),
+        trading about one extra block forward for not keeping its activations. Raises
+        IncompatibleBackbone when enabling it on a model without shared blocks."""
+        if set_block_checkpointing(self, enabled) == 0 and enabled:
+            raise IncompatibleBackbone(
+                f"{type(self).__name__} has no ssl_vit.layers blocks to checkpoint (its family builds its own "
+                "layers); train it with train.activation_checkpointing=false"
+            )
 
     def no_weight_decay(self) -> set[str]:
         """Parameters excluded from weight decay: biases, norms, positions and special tokens."""

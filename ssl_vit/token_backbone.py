@@ -4,6 +4,11 @@ Order of operations (one place, so every capability behaves the same on every su
 patch embedding -> mask token on hidden cells -> positions -> `keep` gather -> prefix tokens
 (+ extra tokens) -> transformer -> final norm -> pooling.
 A subclass builds the pieces and overrides only what its paper changes (usually `run_blocks`).
+
+Prefix tokens are laid out as in timm's VisionTransformer: class tokens, then register tokens, then
+extra tokens (the distillation token), then the patch tokens. Register tokens (Darcet et al. 2024,
+"Vision Transformers Need Registers") are learned inputs with no position and no output role: they
+are counted in `num_prefix_tokens` and returned in `prefix_tokens`, never pooled, masked or dropped.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from .backbone import (
     make_head,
 )
 from .embed import LearnedPosEmbed, PatchEmbed, PatchEmbed3d, SinCosPosEmbed, to_pair
+from .errors import BadArgument
 from .masking import gather_tokens, replace_masked
 
 
@@ -39,6 +45,7 @@ class TokenBackbone(Backbone):
     """
 
     capabilities = frozenset({TOKEN_DROP, MASK_TOKEN, EXTRA_TOKENS, POS_FREE, KV_MASK})
+    num_registers: int = 0  # register tokens, after the class tokens (Darcet et al. 2024)
 
     def build_tokens(
         self,
@@ -54,12 +61,17 @@ class TokenBackbone(Backbone):
         num_classes: int = 0,
         frames: int | None = None,
         frame_patch_size: int | None = None,
+        num_registers: int = 0,
     ) -> None:
-        """Patch embedding, positions, class and mask tokens, head.
+        """Patch embedding, positions, class, register and mask tokens, head.
 
         With `frames` and `frame_patch_size` the backbone takes video (B, C, T, H, W) and its
-        grid is (t, h, w) of tubelets (Arnab et al. 2021).
+        grid is (t, h, w) of tubelets (Arnab et al. 2021). `num_registers` learned register tokens
+        `reg_token` (1, num_registers, D) follow the class tokens (Darcet et al. 2024); they get no
+        position and are initialised N(0, 1e-6) as in timm.
         """
+        if isinstance(num_registers, bool) or not isinstance(num_registers, int) or num_registers < 0:
+            raise BadArgument(f"num_registers must be an integer >= 0, got {num_registers!r}")
         if pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
         if pool == "cls" and num_cls_tokens == 0:
@@ -81,7 +93,8 @@ class TokenBackbone(Backbone):
             self.patch_embed = PatchEmbed(patch_size, channels, dim)
         self.default_size = image_size
         self.mask_unit = patch_size
-        self.num_prefix_tokens = num_cls_tokens
+        self.num_registers = num_registers
+        self.num_prefix_tokens = num_cls_tokens + num_registers
         self.pool = pool
         self.pos = pos
         base_grid = tuple(s // p for s, p in zip(image_size, patch_size))
@@ -94,6 +107,9 @@ class TokenBackbone(Backbone):
         else:
             raise ValueError(f"pos must be 'learned' or 'sincos', got {pos!r}")
         self.cls_token = nn.Parameter(torch.zeros(1, num_cls_tokens, dim)) if num_cls_tokens else None
+        self.reg_token = nn.Parameter(torch.zeros(1, num_registers, dim)) if num_registers else None
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.emb_dropout = nn.Dropout(emb_dropout)
         self.head = make_head(dim, num_classes)
@@ -125,13 +141,19 @@ class TokenBackbone(Backbone):
         return tokens, grid
 
     def prefix(self, batch: int, use_pos: bool) -> torch.Tensor:
-        """Class tokens (B, R, D), with their positions."""
-        if self.cls_token is None:
+        """Class tokens with their positions, then register tokens (no positions): (B, R, D),
+        R = `num_prefix_tokens`."""
+        parts = []
+        if self.cls_token is not None:
+            tokens = self.cls_token
+            if use_pos and self.prefix_pos is not None:
+                tokens = tokens + self.prefix_pos
+            parts.append(tokens)
+        if self.reg_token is not None:
+            parts.append(self.reg_token)
+        if not parts:
             return self.mask_token.new_zeros(batch, 0, self.embed_dim)
-        tokens = self.cls_token
-        if use_pos and self.prefix_pos is not None:
-            tokens = tokens + self.prefix_pos
-        return tokens.expand(batch, -1, -1)
+        return torch.cat(parts, dim=1).expand(batch, -1, -1)
 
     def run_blocks(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, R+N, D) -> (B, R+N, D)."""
@@ -140,6 +162,8 @@ class TokenBackbone(Backbone):
         return self.transformer(x, attn_mask=attn_mask)
 
     def pool_tokens(self, prefix: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """prefix (B, R, D), patches (B, N, D) -> (B, D): the class token ("cls"), or the mean of
+        the patch tokens only ("mean"; registers and extra tokens are left out, as in the paper)."""
         return prefix[:, 0] if self.pool == "cls" else patches.mean(dim=1)
 
     # ---- the interface ----------------------------------------------------------------------
