@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops import rearrange
 from timm.layers import DropPath, LayerScale
 from torch import nn
@@ -20,7 +21,7 @@ LN_EPS = 1e-6
 
 __all__ = [
     "LN_EPS", "drop_path_rates", "AttentionBase", "Attention", "Mlp", "Block", "Transformer", "attend", "DropPath",
-    "LayerScale",
+    "LayerScale", "set_block_checkpointing",
 ]
 
 
@@ -170,7 +171,13 @@ class Block(nn.Module):
 
     Optional LayerScale (CaiT, Touvron et al. 2021) and stochastic depth (DropPath). Parameter
     names follow timm's `Block` so weights map onto timm one to one.
+
+    With `grad_checkpointing` set (see `set_block_checkpointing`), a training forward with grad
+    enabled keeps only the block's input and recomputes its activations in backward
+    (`torch.utils.checkpoint`, non-reentrant, RNG state preserved so dropout and drop-path match).
     """
+
+    grad_checkpointing: bool = False
 
     def __init__(
         self,
@@ -200,6 +207,11 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._forward, x, attn_mask, use_reentrant=False)
+        return self._forward(x, attn_mask)
+
+    def _forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
@@ -220,3 +232,12 @@ class Transformer(nn.Module):
         for block in self.blocks:
             x = block(x, attn_mask=attn_mask)
         return x
+
+
+def set_block_checkpointing(module: nn.Module, enabled: bool = True) -> int:
+    """Switch activation checkpointing on or off in every `Block` inside `module` (itself included);
+    returns how many blocks were switched (0: the module has none of the shared blocks)."""
+    blocks = [m for m in module.modules() if isinstance(m, Block)]
+    for block in blocks:
+        block.grad_checkpointing = enabled
+    return len(blocks)
