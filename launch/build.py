@@ -56,6 +56,11 @@ def build_objective(cfg: RunConfig, init: str | Path | None = None) -> tuple[ssl
         raise LaunchError(f"cannot build backbone '{name}' with backbone_args {cfg.backbone_args}: {err}") from None
     if init is not None:
         load_init(init, backbone)
+    if cfg.train.activation_checkpointing:
+        try:
+            backbone.set_grad_checkpointing(True)
+        except IncompatibleBackbone as err:
+            raise LaunchError(f"train.activation_checkpointing: {err}") from None
     try:
         objective = ssl_vit.create_objective(cfg.objective, backbone, **cfg.objective_args)
     except IncompatibleBackbone as err:

@@ -358,6 +358,7 @@ class TrainConfig:
     max_bad_steps: int = key(int, min=1)
     mixed_precision: str = key(str, choices=("auto", "no", "fp16", "bf16"))
     compile: bool = key(bool)
+    activation_checkpointing: bool = key(bool)
     find_unused_parameters: bool = key(bool)
     checkpoint_every: int = key(int, min=1)
     keep_checkpoints: int = key(int, min=1)
