@@ -75,7 +75,9 @@ class LSA(Attention):
     def off_diagonal(self, n: int, device: torch.device) -> torch.Tensor:
         key = (n, device)
         if key not in self._eye:
-            self._eye[key] = ~torch.eye(n, dtype=torch.bool, device=device)
+            # index comparison, not ~eye: ONNX runtimes lack a bool EyeLike
+            idx = torch.arange(n, device=device)
+            self._eye[key] = idx[:, None] != idx[None, :]
         return self._eye[key]
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
