@@ -18,12 +18,21 @@ from __future__ import annotations
 import math
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from ssl_vit import register_presets
 from ssl_vit.layers import Attention, DropPath, Mlp, drop_path_rates
 
-from ._hierarchy import HierarchicalBackbone, check_divisible, window_merge, window_partition
+from ._hierarchy import (
+    HierarchicalBackbone,
+    StageOutput,
+    check_divisible,
+    to_channels_first,
+    to_channels_last,
+    window_merge,
+    window_partition,
+)
 
 __all__ = ["CrossFormer"]
 
@@ -84,6 +93,21 @@ class DynamicPositionBias(nn.Module):
         return table[:, index]
 
 
+def long_distance_groups(x: torch.Tensor, group: tuple[int, int]) -> torch.Tensor:
+    """LDA's groups: G x G tokens sampled at a fixed interval (H/G, W/G) across the whole map (the
+    same dilated arrangement as MaxViT's grid attention). (B, H, W, C) -> (B, H/G, W/G, G*G, C), laid
+    out like `window_partition`: token (gy * H/G + iy, gx * W/G + ix) is member (gy, gx) of group (iy, ix).
+    """
+    gh, gw = group
+    return rearrange(x, "b (gy iy) (gx ix) c -> b iy ix (gy gx) c", gy=gh, gx=gw)
+
+
+def long_distance_merge(x: torch.Tensor, group: tuple[int, int]) -> torch.Tensor:
+    """Inverse of `long_distance_groups`: (B, H/G, W/G, G*G, C) -> (B, H, W, C)."""
+    gh, gw = group
+    return rearrange(x, "b iy ix (gy gx) c -> b (gy iy) (gx ix) c", gy=gh, gx=gw)
+
+
 class CrossAttention(nn.Module):
     """SDA ('short': adjacent w x w windows) or LDA ('long': G x G tokens at interval H/G), on (B, H, W, C)."""
 
@@ -97,17 +121,12 @@ class CrossAttention(nn.Module):
         self.dpb = DynamicPositionBias(max(dim // 4, 1), heads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, h, w, c = x.shape
-        g = self.window
-        bias = self.dpb(g).to(x.dtype)
-        if self.kind == "short":
-            windows = window_partition(x, (g, g))  # (B, nh, nw, g*g, C)
-            out = self.attn(windows.flatten(0, 2), attn_mask=bias)
-            return window_merge(out.view(windows.shape), (g, g))
-        ih, iw = h // g, w // g  # interval: group members sit ih / iw tokens apart
-        groups = x.view(b, g, ih, g, iw, c).permute(0, 2, 4, 1, 3, 5).reshape(b * ih * iw, g * g, c)
-        out = self.attn(groups, attn_mask=bias)
-        return out.view(b, ih, iw, g, g, c).permute(0, 3, 1, 4, 2, 5).reshape(b, h, w, c)
+        g = (self.window, self.window)
+        short = self.kind == "short"
+        split, merge = (window_partition, window_merge) if short else (long_distance_groups, long_distance_merge)
+        parted = split(x, g)  # (B, nh, nw, G*G, C): windows (SDA) or interval groups (LDA)
+        out = self.attn(parted.flatten(0, 2), attn_mask=self.dpb(self.window).to(x.dtype))
+        return merge(out.view(parted.shape), g)
 
 
 class CrossBlock(nn.Module):
@@ -181,19 +200,19 @@ class CrossFormer(HierarchicalBackbone):
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.embeds[0](x)
 
-    def run_stages(self, feat: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def run_stages(self, feat: torch.Tensor, image: torch.Tensor) -> StageOutput:
         for i, stage in enumerate(self.stages):
             if i:
                 feat = self.embeds[i](feat)
-            x = feat.permute(0, 2, 3, 1)  # (B, H, W, C)
+            x = to_channels_last(feat)
             lw, gw = self.windows[i]
             check_divisible(self, x.shape[1:3], (lw, lw), "local windows")
             check_divisible(self, x.shape[1:3], (gw, gw), "long-distance groups")
             x = stage(x)
             if i == len(self.stages) - 1:
                 x = self.norm(x)
-            feat = x.permute(0, 3, 1, 2)
-        return feat, None
+            feat = to_channels_first(x)
+        return StageOutput(feat)
 
 
 _SEED = dict(dim=(64, 128, 256, 512), depth=(2, 2, 8, 2), global_window_size=(8, 4, 2, 1), local_window_size=7)

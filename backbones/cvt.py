@@ -19,7 +19,7 @@ from torch import nn
 from ssl_vit import register_presets
 from ssl_vit.layers import AttentionBase, DropPath, Mlp, drop_path_rates
 
-from ._hierarchy import ChannelNorm, HierarchicalBackbone
+from ._hierarchy import ChannelNorm, HierarchicalBackbone, StageOutput
 
 __all__ = ["CvT"]
 
@@ -150,7 +150,7 @@ class CvT(HierarchicalBackbone):
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.embeds[0](x)
 
-    def run_stages(self, feat: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def run_stages(self, feat: torch.Tensor, image: torch.Tensor) -> StageOutput:
         for i, blocks in enumerate(self.stages):
             if i:
                 feat = self.embeds[i](feat)
@@ -161,7 +161,7 @@ class CvT(HierarchicalBackbone):
             if i == len(self.stages) - 1:
                 x = self.norm(x)
             feat = x.transpose(1, 2).reshape(b, c, h, w)
-        return feat, None
+        return StageOutput(feat)
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -18,9 +18,10 @@ from einops import rearrange
 from torch import nn
 
 from ssl_vit import register_presets
+from ssl_vit.backbone import make_head
 from ssl_vit.layers import AttentionBase, DropPath, drop_path_rates
 
-from ._hierarchy import HierarchicalBackbone
+from ._hierarchy import HierarchicalBackbone, StageOutput
 
 __all__ = ["LeViT"]
 
@@ -158,7 +159,7 @@ class LeViT(HierarchicalBackbone):
         self.build_hierarchy(image_size=image_size, channels=channels, embed_dim=dims[-1], stem_dim=dims[0],
                              stem_stride=16, final_stride=16 * 2 ** (stages - 1), size_multiple=16,
                              num_classes=num_classes)
-        self.distill_head = nn.Linear(dims[-1], num_distill_classes) if num_distill_classes else None
+        self.distill_head = make_head(dims[-1], num_distill_classes or 0)
 
     def mask_grid(self, size) -> tuple[int, int]:
         """Final grid: size / 16, then halved (rounding up) at each shrink attention, as in the paper."""
@@ -172,8 +173,8 @@ class LeViT(HierarchicalBackbone):
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.stem_convs(x)
 
-    def run_stages(self, feat: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return self.blocks(feat), None
+    def run_stages(self, feat: torch.Tensor, image: torch.Tensor) -> StageOutput:
+        return StageOutput(self.blocks(feat))
 
     def forward(self, x: torch.Tensor):
         """Logits (B, num_classes); `(logits, distill_logits)` when built with num_distill_classes."""

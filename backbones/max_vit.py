@@ -11,25 +11,58 @@ keep-mask from the tensor shape's values and never worked.
 from __future__ import annotations
 
 import torch
+from einops import rearrange
+from timm.layers import trunc_normal_
 from torch import nn
 
 from ssl_vit import register_presets
 from ssl_vit.layers import Attention, DropPath, Mlp, drop_path_rates
 
-from ._hier_common import (
-    HierBackbone,
-    RelPosBias,
-    grid_merge,
-    grid_partition,
-    pick_default_size,
+from ._hierarchy import (
+    HierarchicalBackbone,
+    StageOutput,
     stage_size_multiple,
-    to_cf,
-    to_cl,
+    to_channels_first,
+    to_channels_last,
     window_merge,
     window_partition,
 )
 
 __all__ = ["MaxViT"]
+
+
+def grid_partition(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """MaxViT's grid partition (dilated "grid" attention): a gh x gw grid of tokens spaced H/gh, W/gw
+    apart forms one group. (B, H, W, C) -> (B, H/gh, W/gw, gh*gw, C), laid out like `window_partition`.
+    """
+    gh, gw = grid
+    return rearrange(x, "b (gh y) (gw x) c -> b y x (gh gw) c", gh=gh, gw=gw)
+
+
+def grid_merge(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Inverse of `grid_partition`: (B, H/gh, W/gw, gh*gw, C) -> (B, H, W, C)."""
+    gh, gw = grid
+    return rearrange(x, "b y x (gh gw) c -> b (gh y) (gw x) c", gh=gh, gw=gw)
+
+
+class RelPosBias(nn.Module):
+    """Learned relative position bias for a wh x ww window (Swin, Liu et al. 2021; MaxViT):
+    returns the additive attention bias (1, heads, N, N), N = wh*ww, for `attend`'s attn_mask."""
+
+    def __init__(self, window: tuple[int, int], heads: int) -> None:
+        super().__init__()
+        wh, ww = window
+        self.table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), heads))
+        trunc_normal_(self.table, std=0.02)
+        ys, xs = torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")
+        coords = torch.stack([ys.flatten(), xs.flatten()])  # (2, N)
+        rel = coords[:, :, None] - coords[:, None, :]  # (2, N, N)
+        index = (rel[0] + wh - 1) * (2 * ww - 1) + (rel[1] + ww - 1)
+        self.register_buffer("index", index, persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        n = self.index.shape[0]
+        return self.table[self.index.view(-1)].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
 
 
 class SqueezeExcite(nn.Module):
@@ -92,17 +125,17 @@ class AxisAttention(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, h, w, _ = x.shape
-        ws = self.window
+        ws = (self.window, self.window)
         split, merge = (grid_partition, grid_merge) if self.grid else (window_partition, window_merge)
-        groups = split(x, ws, ws)  # (B * groups, ws*ws, C)
+        parted = split(x, ws)  # (B, nh, nw, ws*ws, C)
+        groups = parted.flatten(0, 2)
         groups = groups + self.drop_path(self.attn(self.norm1(groups), attn_mask=self.rel_pos()))
         groups = groups + self.drop_path(self.mlp(self.norm2(groups)))
-        return merge(groups, ws, ws, h, w)
+        return merge(groups.view(parted.shape), ws)
 
 
 class MaxViTBlock(nn.Module):
-    """MBConv -> block attention -> grid attention, (B, C_in, H, W) -> (B, H', W', C_out) channels-last."""
+    """MBConv -> block attention -> grid attention, (B, C_in, H, W) -> (B, C_out, H', W')."""
 
     def __init__(self, dim_in: int, dim: int, downsample: bool, dim_head: int, window: int, expansion: float,
                  shrinkage: float, dropout: float, drop_path: float) -> None:
@@ -112,10 +145,10 @@ class MaxViTBlock(nn.Module):
         self.grid_attn = AxisAttention(dim, dim_head, window, True, dropout, drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.grid_attn(self.block_attn(to_cl(self.mbconv(x))))
+        return to_channels_first(self.grid_attn(self.block_attn(to_channels_last(self.mbconv(x)))))
 
 
-class MaxViT(HierBackbone):
+class MaxViT(HierarchicalBackbone):
     """MaxViT: (B, C, H, W) -> logits (B, num_classes), or pooled features (B, dim * 2^(stages-1)).
 
     Stem: 3x3 stride-2 conv then 3x3 conv (width `dim_conv_stem`); stage i has width dim * 2^i and
@@ -146,14 +179,9 @@ class MaxViT(HierBackbone):
         stem_dim = dim if dim_conv_stem is None else dim_conv_stem
         dims = [dim * 2**i for i in range(n)]
         strides = [2 ** (i + 2) for i in range(n)]
-        self.embed_dim, self.in_channels = dims[-1], channels
-        self.mask_unit = strides[-1]
-        self.size_multiple = stage_size_multiple(strides, [window_size] * n)
-        self.default_size = pick_default_size(image_size, self.size_multiple, "MaxViT")
 
         self.conv_stem = nn.Sequential(nn.Conv2d(channels, stem_dim, 3, stride=2, padding=1),
                                        nn.Conv2d(stem_dim, stem_dim, 3, padding=1))
-        self.mask_token = nn.Parameter(torch.zeros(stem_dim))
         rates = drop_path_rates(drop_path, sum(depth))
         blocks, dim_in = [], stem_dim
         for i in range(n):
@@ -163,19 +191,18 @@ class MaxViT(HierBackbone):
             dim_in = dims[i]
         self.layers = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(dims[-1])
-        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else None
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.build_hierarchy(image_size=image_size, channels=channels, embed_dim=dims[-1], stem_dim=stem_dim,
+                             stem_stride=2, final_stride=strides[-1],
+                             size_multiple=stage_size_multiple(strides, [window_size] * n), num_classes=num_classes)
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
-        return to_cl(self.conv_stem(x))
+        return self.conv_stem(x)
 
-    def stages(self, x: torch.Tensor) -> torch.Tensor:
+    def run_stages(self, feat: torch.Tensor, image: torch.Tensor) -> StageOutput:
+        x = feat
         for block in self.layers:
-            x = block(to_cf(x))
-        return x
-
-    def finish(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return x, self.norm(x.mean(dim=(1, 2)))
+            x = block(x)
+        return StageOutput(x, pooled=self.norm(x.mean(dim=(2, 3))))
 
 
 register_presets(MaxViT, {

@@ -22,7 +22,7 @@ from ssl_vit import register_presets
 from ssl_vit.embed import to_pair
 from ssl_vit.layers import Attention, DropPath, Mlp, drop_path_rates
 
-from ._hier_common import HierBackbone, pick_default_size, to_cf, to_cl
+from ._hierarchy import HierarchicalBackbone, StageOutput
 
 __all__ = ["MobileViT"]
 
@@ -91,7 +91,7 @@ class MobileViTBlock(nn.Module):
         return self.fuse(torch.cat([self.project(y), x], dim=1))
 
 
-class MobileViT(HierBackbone):
+class MobileViT(HierarchicalBackbone):
     """MobileViT: (B, 3, H, W) -> logits (B, num_classes), or pooled features (B, channels[-1]).
 
     `channels` lists 11 widths: stem conv, four MV2 stem blocks (c1, c2 (stride 2), c3, c3), then for
@@ -124,13 +124,8 @@ class MobileViT(HierBackbone):
             raise ValueError(f"MobileViT needs 11 channel widths, got {len(channels)}: {list(channels)}")
         c = list(channels)
         ph, pw = to_pair(patch_size)
-        self.embed_dim, self.in_channels = c[-1], in_channels
-        self.mask_unit = 32
-        self.size_multiple = math.lcm(32 * ph, 32 * pw)
-        self.default_size = pick_default_size(to_pair(image_size), self.size_multiple, "MobileViT")
 
         self.conv1 = conv_bn(in_channels, c[0], 3, stride=2)
-        self.mask_token = nn.Parameter(torch.zeros(c[0]))
         self.stem_blocks = nn.Sequential(
             MV2Block(c[0], c[1], 1, expansion), MV2Block(c[1], c[2], 2, expansion),
             MV2Block(c[2], c[3], 1, expansion), MV2Block(c[3], c[3], 1, expansion),
@@ -148,8 +143,9 @@ class MobileViT(HierBackbone):
             ))
             dim_in = out
         self.final_conv = conv_bn(dim_in, c[10])
-        self.head = nn.Linear(c[10], num_classes, bias=False) if num_classes > 0 else None
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.build_hierarchy(image_size=image_size, channels=in_channels, embed_dim=c[10], stem_dim=c[0],
+                             stem_stride=2, final_stride=32, size_multiple=math.lcm(32 * ph, 32 * pw),
+                             num_classes=num_classes)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -166,16 +162,13 @@ class MobileViT(HierBackbone):
                 nn.init.zeros_(m.bias)
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
-        return to_cl(self.conv1(x))
+        return self.conv1(x)
 
-    def stages(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem_blocks(to_cf(x))
+    def run_stages(self, feat: torch.Tensor, image: torch.Tensor) -> StageOutput:
+        x = self.stem_blocks(feat)
         for stage in self.trunk:
             x = stage(x)
-        return to_cl(self.final_conv(x))
-
-    def finish(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return x, x.mean(dim=(1, 2))
+        return StageOutput(self.final_conv(x))
 
 
 register_presets(MobileViT, {

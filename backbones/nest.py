@@ -18,7 +18,15 @@ from ssl_vit import register_presets
 from ssl_vit.embed import LearnedPosEmbed, to_pair
 from ssl_vit.layers import Transformer, drop_path_rates
 
-from ._hier_common import HierBackbone, LayerNorm2d, pick_default_size, to_cf, to_cl
+from ._hierarchy import (
+    ChannelNorm,
+    HierarchicalBackbone,
+    StageOutput,
+    to_channels_first,
+    to_channels_last,
+    window_merge,
+    window_partition,
+)
 
 __all__ = ["NesT"]
 
@@ -36,12 +44,11 @@ class NestLevel(nn.Module):
                                        attn_drop=dropout, drop_path=drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, h, w, _ = x.shape
-        k = self.blocks
-        bh, bw = h // k, w // k
-        seq = rearrange(x, "b (k1 h) (k2 w) c -> (b k1 k2) (h w) c", k1=k, k2=k)
-        seq = self.transformer(seq + self.pos_embed((bh, bw)))
-        return rearrange(seq, "(b k1 k2) (h w) c -> b (k1 h) (k2 w) c", k1=k, k2=k, h=bh)
+        _, h, w, _ = x.shape
+        block = (h // self.blocks, w // self.blocks)
+        parted = window_partition(x, block)  # (B, k, k, bh*bw, C): the blocks are windows
+        seq = self.transformer(parted.flatten(0, 2) + self.pos_embed(block))
+        return window_merge(seq.view(parted.shape), block)
 
 
 class Aggregate(nn.Module):
@@ -50,20 +57,22 @@ class Aggregate(nn.Module):
     def __init__(self, dim_in: int, dim_out: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(dim_in, dim_out, 3, padding=1)
-        self.norm = LayerNorm2d(dim_out)
+        self.norm = ChannelNorm(dim_out)
         self.pool = nn.MaxPool2d(3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return to_cl(self.pool(self.norm(self.conv(to_cf(x)))))
+        return to_channels_last(self.pool(self.norm(self.conv(to_channels_first(x)))))
 
 
-class NesT(HierBackbone):
+class NesT(HierarchicalBackbone):
     """NesT: (B, C, H, W) -> logits (B, num_classes), or pooled features (B, dim * 2^(L-1)).
 
     Level l (from fine to coarse) has width dim * 2^l and heads * 2^l heads. Any input whose sides
     are multiples of patch_size * 2^(L-1) works (blocks shrink or grow with it; the position
     tables are resampled). The final tokens are the LayerNorm'ed top-level map; pooled is their mean.
     """
+
+    hide_before_stem = False  # patches do not overlap: nothing of a hidden cell reaches a visible one
 
     def __init__(
         self,
@@ -89,18 +98,13 @@ class NesT(HierBackbone):
         dims = [dim * 2**i for i in range(n)]
         level_heads = [heads * 2**i for i in range(n)]
         self.patch_size = patch_size
-        self.embed_dim, self.in_channels = dims[-1], channels
-        self.mask_unit = patch_size * 2 ** (n - 1)
-        self.size_multiple = self.mask_unit
-        self.default_size = pick_default_size(to_pair(image_size), self.size_multiple, "NesT")
-        self.stem_overlaps = False  # patches do not overlap: nothing of a hidden cell reaches a visible one
+        final_stride = patch_size * 2 ** (n - 1)
 
         patch_dim = channels * patch_size**2
         self.patch_norm = nn.LayerNorm(patch_dim)
         self.patch_proj = nn.Linear(patch_dim, dim)
         self.embed_norm = nn.LayerNorm(dim)
-        self.mask_token = nn.Parameter(torch.zeros(dim))
-        fmap = [s // patch_size for s in self.default_size]
+        fmap = [s // patch_size for s in to_pair(image_size)]
         block_grid = (fmap[0] // 2 ** (n - 1), fmap[1] // 2 ** (n - 1))
         rates = drop_path_rates(drop_path, n)
         self.levels = nn.ModuleList()
@@ -113,24 +117,21 @@ class NesT(HierBackbone):
             if i < n - 1:
                 self.aggregates.append(Aggregate(dims[i], dims[i + 1]))
         self.norm = nn.LayerNorm(dims[-1])
-        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else None
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.build_hierarchy(image_size=image_size, channels=channels, embed_dim=dims[-1], stem_dim=dim,
+                             stem_stride=patch_size, final_stride=final_stride, num_classes=num_classes)
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         p = self.patch_size
         patches = rearrange(x, "b c (h p1) (w p2) -> b h w (p1 p2 c)", p1=p, p2=p)
-        return self.embed_norm(self.patch_proj(self.patch_norm(patches)))
+        return to_channels_first(self.embed_norm(self.patch_proj(self.patch_norm(patches))))
 
-    def stages(self, x: torch.Tensor) -> torch.Tensor:
+    def run_stages(self, feat: torch.Tensor, image: torch.Tensor) -> StageOutput:
+        x = to_channels_last(feat)
         for i, level in enumerate(self.levels):
             x = level(x)
             if i < len(self.aggregates):
                 x = self.aggregates[i](x)
-        return x
-
-    def finish(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.norm(x)  # the seed's head: channel LayerNorm, then mean
-        return tokens, tokens.mean(dim=(1, 2))
+        return StageOutput(to_channels_first(self.norm(x)))  # the seed's head: channel LayerNorm, then mean
 
 
 register_presets(NesT, {

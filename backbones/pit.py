@@ -21,7 +21,7 @@ from ssl_vit import register_presets
 from ssl_vit.embed import LearnedPosEmbed, to_pair
 from ssl_vit.layers import Block, drop_path_rates
 
-from ._hierarchy import HierarchicalBackbone
+from ._hierarchy import HierarchicalBackbone, StageOutput
 
 __all__ = ["PiT"]
 
@@ -45,6 +45,8 @@ class PiT(HierarchicalBackbone):
     `depth` is a tuple: the number of blocks of each stage (a pooling layer between stages).
     `heads` one value or one per stage. Mask unit and size multiple: (patch_size // 2) * 2^(stages-1).
     """
+
+    num_prefix_tokens = 1  # the class token
 
     def __init__(
         self,
@@ -91,7 +93,6 @@ class PiT(HierarchicalBackbone):
                 self.pools.append(PoolingLayer(dim))
                 dim *= 2
         self.norm = nn.LayerNorm(dim)
-        self.num_prefix_tokens = 1
         self.build_hierarchy(image_size=size, channels=channels, embed_dim=dim,
                              stem_dim=self.pos_embed.weight.shape[-1], stem_stride=stride,
                              final_stride=stride * 2 ** (stages - 1), num_classes=num_classes)
@@ -99,7 +100,7 @@ class PiT(HierarchicalBackbone):
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.patch_embed(F.pad(x, self.stem_pad))
 
-    def run_stages(self, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def run_stages(self, feat: torch.Tensor, image: torch.Tensor) -> StageOutput:
         b, _, h, w = feat.shape
         x = feat.flatten(2).transpose(1, 2) + self.pos_embed((h, w))
         cls = self.cls_token.expand(b, -1, -1)
@@ -111,10 +112,8 @@ class PiT(HierarchicalBackbone):
                 h, w = fmap.shape[-2:]
                 x = fmap.flatten(2).transpose(1, 2)
         x = self.norm(torch.cat([cls, x], dim=1))
-        return x[:, 1:].transpose(1, 2).reshape(b, -1, h, w), x[:, :1]
-
-    def pool(self, final: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
-        return prefix[:, 0]
+        cls = x[:, :1]
+        return StageOutput(x[:, 1:].transpose(1, 2).reshape(b, -1, h, w), prefix=cls, pooled=cls[:, 0])
 
 
 _SEED = dict(image_size=224, patch_size=14, dim=256, depth=(3, 3, 3), heads=16, mlp_dim=2048, dropout=0.1,

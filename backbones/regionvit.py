@@ -22,7 +22,16 @@ from torch import nn
 from ssl_vit import register_presets
 from ssl_vit.layers import Attention, DropPath, Mlp, drop_path_rates
 
-from ._hierarchy import ChannelNorm, HierarchicalBackbone, window_merge, window_partition
+from ._hierarchy import (
+    PEG,
+    ChannelNorm,
+    HierarchicalBackbone,
+    StageOutput,
+    to_channels_first,
+    to_channels_last,
+    window_merge,
+    window_partition,
+)
 
 __all__ = ["RegionViT"]
 
@@ -78,17 +87,6 @@ class R2LStage(nn.Module):
         return local, region
 
 
-class PEG(nn.Module):
-    """x + depth-wise conv(x) on a map (B, C, H, W) (CPVT's positional encoding generator)."""
-
-    def __init__(self, dim: int, kernel: int = 3) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.proj(x)
-
-
 class RegionViT(HierarchicalBackbone):
     """RegionViT: (B, C, H, W) -> logits (B, num_classes), or pooled regional features (B, dim[-1]).
 
@@ -97,8 +95,6 @@ class RegionViT(HierarchicalBackbone):
     region footprint, local_patch_size * window_size * 2^(stages-1). Hidden pixels are zeroed
     before both encoders, so masks hide cells from the regional tokens too.
     """
-
-    stages_take_image = True  # the regional stream is embedded from the (masked) pixels
 
     def __init__(
         self,
@@ -154,15 +150,13 @@ class RegionViT(HierarchicalBackbone):
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.local_encoder(x)
 
-    def run_stages(self, feat: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, None, torch.Tensor]:
-        region = self.region_encoder(image)
+    def run_stages(self, feat: torch.Tensor, image: torch.Tensor) -> StageOutput:
+        region = self.region_encoder(image)  # the regional stream is embedded from the (hidden) pixels
         for down, peg, stage in zip(self.downsample, self.pegs, self.stages):
-            feat, region = peg(down(feat)), down(region)
-            local, reg = stage(feat.permute(0, 2, 3, 1), region.permute(0, 2, 3, 1))
-            feat, region = local.permute(0, 3, 1, 2), reg.permute(0, 3, 1, 2)
-        final = self.norm(feat.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return final, None, self.norm(region.mean(dim=(2, 3)))  # the head reads the mean regional token
-
+            local, reg = stage(peg(to_channels_last(down(feat))), to_channels_last(down(region)))
+            feat, region = to_channels_first(local), to_channels_first(reg)
+        final = to_channels_first(self.norm(local))
+        return StageOutput(final, pooled=self.norm(reg.mean(dim=(1, 2))))  # the head: the mean regional token
 
 _SEED = dict(dim=(64, 128, 256, 512), depth=(2, 2, 8, 2), window_size=7, num_classes=1000,
              tokenize_local_3_conv=False, use_peg=False)

@@ -19,14 +19,14 @@ from torch import nn
 from ssl_vit import register_presets
 from ssl_vit.layers import AttentionBase, DropPath, Mlp, drop_path_rates
 
-from ._hier_common import (
+from ._hierarchy import (
     PEG,
-    HierBackbone,
-    cast_tuple,
-    pick_default_size,
+    HierarchicalBackbone,
+    StageOutput,
+    per_stage,
     stage_size_multiple,
-    to_cf,
-    to_cl,
+    to_channels_first,
+    to_channels_last,
     window_merge,
     window_partition,
 )
@@ -53,7 +53,7 @@ class ScalableSelfAttention(AttentionBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape
         q = rearrange(self.q(x), "b x y (h d) -> b h (x y) d", h=self.heads)
-        k, v = rearrange(self.kv(to_cf(x)), "b c x y -> b (x y) c").split([self.dk, self.dv], dim=-1)
+        k, v = rearrange(self.kv(to_channels_first(x)), "b c x y -> b (x y) c").split([self.dk, self.dv], dim=-1)
         k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (k, v))
         out = self._attend(q, k, v)
         out = rearrange(out, "b h (x y) d -> b x y (h d)", x=h, y=w)
@@ -78,10 +78,12 @@ class InteractiveWindowAttention(AttentionBase):
         b, h, w, _ = x.shape
         wh, ww = (h, w) if self.window is None else (self.window, self.window)
         q, k, v = self.qkv(x).split([self.dk, self.dk, self.dv], dim=-1)
-        local = to_cl(self.lim(to_cf(v)))
-        q, k, v = (rearrange(window_partition(t, wh, ww), "n l (h d) -> n h l d", h=self.heads) for t in (q, k, v))
-        out = rearrange(self._attend(q, k, v), "n h l d -> n l (h d)")
-        out = window_merge(out, wh, ww, h, w) + local
+        local = to_channels_last(self.lim(to_channels_first(v)))
+        nh, nw = h // wh, w // ww
+        q, k, v = (rearrange(window_partition(t, (wh, ww)), "b y x l (h d) -> (b y x) h l d", h=self.heads)
+                   for t in (q, k, v))
+        out = rearrange(self._attend(q, k, v), "(b y x) h l d -> b y x l (h d)", y=nh, x=nw)
+        out = window_merge(out, (wh, ww)) + local
         return self.proj_drop(self.proj(out))
 
 
@@ -119,7 +121,7 @@ class ScalableStage(nn.Module):
         return self.blocks(x)
 
 
-class ScalableViT(HierBackbone):
+class ScalableViT(HierarchicalBackbone):
     """ScalableViT: (B, C, H, W) -> logits (B, num_classes), or pooled features (B, 8 * dim) for 4 stages.
 
     A 7x7 stride-4 convolutional stem, then stages of width dim * 2^i separated by 3x3 stride-2
@@ -152,19 +154,14 @@ class ScalableViT(HierBackbone):
             raise ValueError(f"depth must be a tuple with one entry per stage, got {depth!r}")
         n = len(depth)
         heads, ssa_dk, ssa_dv, red, iw_dk, iw_dv, windows = (
-            cast_tuple(v, n, name) for v, name in (
+            per_stage(v, n, name) for v, name in (
                 (heads, "heads"), (ssa_dim_key, "ssa_dim_key"), (ssa_dim_value, "ssa_dim_value"),
                 (reduction_factor, "reduction_factor"), (iwsa_dim_key, "iwsa_dim_key"),
                 (iwsa_dim_value, "iwsa_dim_value"), (window_size, "window_size")))
         dims = [dim * 2**i for i in range(n)]
         strides = [4 * 2**i for i in range(n)]
-        self.embed_dim, self.in_channels = dims[-1], channels
-        self.mask_unit = strides[-1]
-        self.size_multiple = stage_size_multiple(strides + strides, list(windows) + list(red))
-        self.default_size = pick_default_size(image_size, self.size_multiple, "ScalableViT")
 
         self.patch_embed = nn.Conv2d(channels, dim, 7, stride=4, padding=3)
-        self.mask_token = nn.Parameter(torch.zeros(dim))
         rates = drop_path_rates(drop_path, 2 * sum(depth))
         self.layers = nn.ModuleList()
         self.norms = nn.ModuleList()
@@ -179,22 +176,22 @@ class ScalableViT(HierBackbone):
                 self.norms.append(nn.LayerNorm(dims[i]))
                 self.downsamples.append(nn.Conv2d(dims[i], dims[i + 1], 3, stride=2, padding=1))
         self.norm = nn.LayerNorm(dims[-1])
-        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else None
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.build_hierarchy(image_size=image_size, channels=channels, embed_dim=dims[-1], stem_dim=dim,
+                             stem_stride=strides[0], final_stride=strides[-1],
+                             size_multiple=stage_size_multiple(strides + strides, list(windows) + list(red)),
+                             num_classes=num_classes)
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
-        return to_cl(self.patch_embed(x))
+        return self.patch_embed(x)
 
-    def stages(self, x: torch.Tensor) -> torch.Tensor:
+    def run_stages(self, feat: torch.Tensor, image: torch.Tensor) -> StageOutput:
+        x = to_channels_last(feat)
         for i, stage in enumerate(self.layers):
             x = stage(x)
             if i < len(self.downsamples):
-                x = to_cl(self.downsamples[i](to_cf(self.norms[i](x))))
-        return x
-
-    def finish(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                x = to_channels_last(self.downsamples[i](to_channels_first(self.norms[i](x))))
         # The head reads LayerNorm(mean of the final tokens), as in the seed.
-        return x, self.norm(x.mean(dim=(1, 2)))
+        return StageOutput(to_channels_first(x), pooled=self.norm(x.mean(dim=(1, 2))))
 
 
 register_presets(ScalableViT, {

@@ -17,14 +17,14 @@ from torch import nn
 from ssl_vit import register_presets
 from ssl_vit.layers import AttentionBase, DropPath, Mlp, drop_path_rates
 
-from ._hier_common import (
+from ._hierarchy import (
     PEG,
-    HierBackbone,
-    cast_tuple,
-    pick_default_size,
+    HierarchicalBackbone,
+    StageOutput,
+    per_stage,
     stage_size_multiple,
-    to_cf,
-    to_cl,
+    to_channels_first,
+    to_channels_last,
     window_merge,
     window_partition,
 )
@@ -53,7 +53,7 @@ class DSSA(AttentionBase):
         b, h, w, c = x.shape
         ws = self.window
         nh, nw = h // ws, w // ws
-        tokens = window_partition(x, ws, ws)  # (B*nW, ws*ws, C)
+        tokens = window_partition(x, ws).flatten(0, 2)  # (B*nW, ws*ws, C)
         tokens = torch.cat([self.window_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         q, k, v = rearrange(self.qkv(tokens), "n l (s h d) -> s n h l d", s=3, h=self.heads)
         out = self._attend(q, k, v)  # DWA: (B*nW, heads, 1 + ws*ws, d)
@@ -64,8 +64,8 @@ class DSSA(AttentionBase):
         wq, wk = rearrange(self.token_qk(summary), "b n (s h d) -> s b h n d", s=2, h=self.heads)
         values = rearrange(fmap, "(b n) h l d -> b h n (l d)", b=b)
         mixed = self._attend(wq, wk, values)  # (B, heads, nW, ws*ws*d)
-        mixed = rearrange(mixed, "b h n (l d) -> (b n) l (h d)", d=self.dim_head)
-        out = window_merge(mixed, ws, ws, nh * ws, nw * ws)
+        mixed = rearrange(mixed, "b h (y x) (l d) -> b y x l (h d)", y=nh, x=nw, d=self.dim_head)
+        out = window_merge(mixed, ws)
         return self.proj_drop(self.proj(out))
 
 
@@ -85,7 +85,7 @@ class SepBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class SepViT(HierBackbone):
+class SepViT(HierarchicalBackbone):
     """SepViT: (B, C, H, W) -> logits (B, num_classes), or pooled features (B, dim * 2^(stages-1)).
 
     Each stage: an overlapping patch embedding (kernel 2s-1, stride s = 4 then 2), a PEG, then
@@ -112,15 +112,11 @@ class SepViT(HierBackbone):
         if not isinstance(depth, (tuple, list)):
             raise ValueError(f"depth must be a tuple with one entry per stage, got {depth!r}")
         n = len(depth)
-        heads = cast_tuple(heads, n, "heads")
-        windows = cast_tuple(window_size, n, "window_size")
+        heads = per_stage(heads, n, "heads")
+        windows = per_stage(window_size, n, "window_size")
         dims = [dim * 2**i for i in range(n)]
         strides = [4 * 2**i for i in range(n)]
         self.windows = windows
-        self.embed_dim, self.in_channels = dims[-1], channels
-        self.mask_unit = strides[-1]
-        self.size_multiple = stage_size_multiple(strides, windows)
-        self.default_size = pick_default_size(image_size, self.size_multiple, "SepViT")
 
         rates = drop_path_rates(drop_path, sum(depth))
         self.embeds = nn.ModuleList()
@@ -138,23 +134,21 @@ class SepViT(HierBackbone):
             start += depth[i]
             self.norms.append(nn.LayerNorm(dims[i]) if i < n - 1 else nn.Identity())
             dim_in = dims[i]
-        self.mask_token = nn.Parameter(torch.zeros(dim))
         self.norm = nn.LayerNorm(dims[-1])
-        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else None
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.build_hierarchy(image_size=image_size, channels=channels, embed_dim=dims[-1], stem_dim=dim,
+                             stem_stride=strides[0], final_stride=strides[-1],
+                             size_multiple=stage_size_multiple(strides, windows), num_classes=num_classes)
 
     def stem(self, x: torch.Tensor) -> torch.Tensor:
-        return to_cl(self.embeds[0](x))
+        return self.embeds[0](x)
 
-    def stages(self, x: torch.Tensor) -> torch.Tensor:
+    def run_stages(self, feat: torch.Tensor, image: torch.Tensor) -> StageOutput:
+        x = to_channels_last(feat)
         for i in range(len(self.layers)):
             if i > 0:
-                x = to_cl(self.embeds[i](to_cf(x)))
+                x = to_channels_last(self.embeds[i](to_channels_first(x)))
             x = self.norms[i](self.layers[i](self.pegs[i](x)))
-        return x
-
-    def finish(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return x, self.norm(x.mean(dim=(1, 2)))
+        return StageOutput(to_channels_first(x), pooled=self.norm(x.mean(dim=(1, 2))))
 
 
 register_presets(SepViT, {

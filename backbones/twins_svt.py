@@ -21,7 +21,17 @@ from torch import nn
 from ssl_vit import register_presets
 from ssl_vit.layers import Attention, DropPath, Mlp, drop_path_rates
 
-from ._hierarchy import HierarchicalBackbone, check_divisible, window_merge, window_partition
+from ._hierarchy import (
+    PEG,
+    ChannelNorm,
+    HierarchicalBackbone,
+    StageOutput,
+    check_divisible,
+    to_channels_first,
+    to_channels_last,
+    window_merge,
+    window_partition,
+)
 
 __all__ = ["TwinsSVT"]
 
@@ -38,9 +48,8 @@ class LocalAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         windows = window_partition(x, self.window)  # (B, nh, nw, w*w, C)
-        b, nh, nw, n, c = windows.shape
-        out = self.attn(windows.reshape(b * nh * nw, n, c))
-        return window_merge(out.view(b, nh, nw, n, c), self.window)
+        out = self.attn(windows.flatten(0, 2))
+        return window_merge(out.view(windows.shape), self.window)
 
 
 class GlobalSubsampledAttention(nn.Module):
@@ -58,7 +67,7 @@ class GlobalSubsampledAttention(nn.Module):
         b, h, w, c = x.shape
         tokens = x.reshape(b, h * w, c)
         if self.k > 1:
-            ctx = self.sr(x.permute(0, 3, 1, 2)).flatten(2).transpose(1, 2)
+            ctx = self.sr(to_channels_first(x)).flatten(2).transpose(1, 2)
             out = self.attn(tokens, context=self.sr_norm(ctx))
         else:
             out = self.attn(tokens)
@@ -81,27 +90,16 @@ class TwinsBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-class PEG(nn.Module):
-    """Positional encoding generator (Chu et al. 2021, CPVT): x + depth-wise conv(x), on (B, H, W, C)."""
-
-    def __init__(self, dim: int, kernel: int) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-
-
 class PatchMerge(nn.Module):
-    """Patch embedding: p x p stride-p conv + LayerNorm, (B, C, H, W) -> (B, D, H/p, W/p)."""
+    """Patch embedding: p x p stride-p conv + channel LayerNorm, (B, C, H, W) -> (B, D, H/p, W/p)."""
 
     def __init__(self, dim_in: int, dim: int, patch: int) -> None:
         super().__init__()
         self.proj = nn.Conv2d(dim_in, dim, patch, stride=patch)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = ChannelNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.proj(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.norm(self.proj(x))
 
 
 class TwinsSVT(HierarchicalBackbone):
@@ -169,11 +167,11 @@ class TwinsSVT(HierarchicalBackbone):
     def stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.embeds[0](x)
 
-    def run_stages(self, feat: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def run_stages(self, feat: torch.Tensor, image: torch.Tensor) -> StageOutput:
         for i, blocks in enumerate(self.stages):
             if i:
                 feat = self.embeds[i](feat)
-            x = feat.permute(0, 2, 3, 1)  # (B, H, W, C)
+            x = to_channels_last(feat)
             check_divisible(self, x.shape[1:3], (self.windows[i][0],) * 2, "local windows")
             check_divisible(self, x.shape[1:3], (self.windows[i][1],) * 2, "global sub-sampling cells")
             for j, block in enumerate(blocks):
@@ -182,8 +180,8 @@ class TwinsSVT(HierarchicalBackbone):
                     x = self.pegs[i](x)
             if i == len(self.stages) - 1:
                 x = self.norm(x)
-            feat = x.permute(0, 3, 1, 2)
-        return feat, None
+            feat = to_channels_first(x)
+        return StageOutput(feat)
 
 
 _SEED = {}  # the README's example is the defaults

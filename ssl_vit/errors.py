@@ -29,8 +29,9 @@ class InputDtypeError(SslVitError, TypeError):
     """An input tensor of the wrong dtype (e.g. a uint8 image batch given to a backbone)."""
 
 
-class BadArgument(SslVitError, TypeError):
-    """A constructor argument of the wrong type; the message names the argument and the expected type."""
+class BadArgument(SslVitError, TypeError, ValueError):
+    """A constructor argument of the wrong type or value; the message names the argument and what it expects.
+    Also a ValueError: a per-stage argument of the wrong shape is a bad value to callers that check for that."""
 
 
 class CorruptCheckpoint(SslVitError):

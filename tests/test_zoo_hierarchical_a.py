@@ -217,3 +217,84 @@ def test_regionvit_local_patch_and_stem_options():
 def test_registered_names():
     names = set(ssl_vit.list_backbones())
     assert {f"{n}{s}" for n in NAMES for s in ("", "_tiny")} <= names
+
+
+# ---- the one hierarchical base (backbones._hierarchy), shared with test_zoo_hierarchical_b's families ----
+ALL_HIERARCHICAL = NAMES + ["scalable_vit", "sep_vit", "max_vit", "nest", "mobile_vit"]
+
+
+def test_window_partition_layout_and_inverse():
+    """One layout: (B, H, W, C) -> (B, nh, nw, wh*ww, C), windows and the tokens inside them row-major."""
+    from backbones._hierarchy import window_merge, window_partition
+
+    x = torch.arange(2 * 4 * 6).float().view(2, 4, 6, 1).expand(-1, -1, -1, 3)  # value: b * 24 + y * 6 + x
+    w = window_partition(x, (2, 3))
+    assert w.shape == (2, 2, 2, 6, 3)
+    assert w[0, 0, 1, :, 0].tolist() == [3, 4, 5, 9, 10, 11]  # top-right 2x3 window
+    assert w[1, 1, 0, :, 2].tolist() == [24 + t for t in (12, 13, 14, 18, 19, 20)]  # bottom-left, second image
+    assert torch.equal(window_merge(w, (2, 3)), x)
+    assert torch.equal(window_partition(x, 2), window_partition(x, (2, 2)))  # an int is a square window
+    # a channels-last view of a channels-first map splits the same way
+    cf = x.permute(0, 3, 1, 2).contiguous()
+    assert torch.equal(window_partition(cf.permute(0, 2, 3, 1), (2, 3)), w)
+
+
+def test_channel_norm_is_layer_norm_over_channels():
+    from backbones._hierarchy import ChannelNorm
+
+    torch.manual_seed(0)
+    norm = ChannelNorm(5)
+    assert isinstance(norm, torch.nn.LayerNorm) and set(norm.state_dict()) == {"weight", "bias"}
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(2, 5, 3, 4)
+    expect = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (5,), norm.weight, norm.bias).permute(0, 3, 1, 2)
+    torch.testing.assert_close(norm(x), expect)
+
+
+def test_peg_adds_a_depthwise_convolution_on_channels_last_maps():
+    from backbones._hierarchy import PEG
+
+    peg = PEG(4)
+    x = torch.randn(1, 5, 6, 4)
+    with torch.no_grad():
+        expect = x + peg.proj(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        torch.testing.assert_close(peg(x), expect)
+
+
+@pytest.mark.parametrize("name", ALL_HIERARCHICAL)
+def test_every_hierarchical_family_runs_the_one_base(name):
+    from backbones._hierarchy import HierarchicalBackbone
+
+    m = tiny(name)
+    assert isinstance(m, HierarchicalBackbone)
+    assert type(m).forward_features is HierarchicalBackbone.forward_features
+    x = torch.randn(2, m.in_channels, *m.default_size)
+    mask = masking.random_mask(2, m.mask_grid(m.default_size), 0.5, generator=torch.Generator().manual_seed(0))
+    # the mask token replaces exactly the hidden cells of the channels-first stem map
+    with torch.no_grad():
+        stem = m.stem(x)
+        filled = m.apply_mask(stem, mask)
+    hidden = m.stem_mask(mask, stem.shape[-2:]).unsqueeze(1).expand_as(stem)
+    token = m.mask_token.view(1, -1, 1, 1).expand_as(stem)
+    assert hidden.any() and torch.equal(filled[hidden], token[hidden]) and torch.equal(filled[~hidden], stem[~hidden])
+    # patch tokens are the final map row-major; pooled defaults to its mean
+    captured = {}
+    run = m.run_stages
+
+    def spy(feat, image):
+        captured["out"] = run(feat, image)
+        return captured["out"]
+
+    m.run_stages = spy
+    with torch.no_grad():
+        out = m.forward_features(x)
+    final, prefix, pooled = captured["out"]
+    b, d, h, w = final.shape
+    assert out.grid == (h, w) and out.patch_tokens.shape == (b, h * w, d)
+    for i, j in ((0, 0), (h - 1, 0), (0, w - 1), (h - 1, w - 1)):  # row-major: token i * w + j is cell (i, j)
+        assert torch.equal(out.patch_tokens[:, i * w + j], final[:, :, i, j])
+    if pooled is None:
+        assert torch.equal(out.pooled, final.mean(dim=(2, 3)))
+

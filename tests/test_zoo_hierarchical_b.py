@@ -9,15 +9,8 @@ from timm.layers import DropPath
 
 import ssl_vit
 from backbones import MaxViT, MobileViT, NesT, ScalableViT, SepViT
-from backbones._hier_common import (
-    PEG,
-    RelPosBias,
-    grid_merge,
-    grid_partition,
-    window_merge,
-    window_partition,
-)
-from backbones.max_vit import AxisAttention
+from backbones._hierarchy import PEG, to_channels_last, window_merge, window_partition
+from backbones.max_vit import AxisAttention, RelPosBias, grid_merge, grid_partition
 from backbones.mobile_vit import MobileViTBlock
 from backbones.scalable_vit import InteractiveWindowAttention, Residual, ScalableSelfAttention
 from backbones.sep_vit import DSSA
@@ -190,12 +183,12 @@ def test_max_vit_drop_path_is_real_and_off_in_eval():
 
 def test_max_vit_block_and_grid_partitions():
     x = torch.arange(4 * 6).float().view(1, 4, 6, 1)
-    blocks = window_partition(x, 2, 3)
-    assert blocks[0, :, 0].tolist() == [0, 1, 2, 6, 7, 8]  # a contiguous 2x3 window
-    grid_blocks = grid_partition(x, 2, 3)
-    assert grid_blocks[0, :, 0].tolist() == [0, 2, 4, 12, 14, 16]  # a 2x3 grid spread over the map
-    torch.testing.assert_close(window_merge(blocks, 2, 3, 4, 6), x)
-    torch.testing.assert_close(grid_merge(grid_blocks, 2, 3, 4, 6), x)
+    blocks = window_partition(x, (2, 3))
+    assert blocks[0, 0, 0, :, 0].tolist() == [0, 1, 2, 6, 7, 8]  # a contiguous 2x3 window
+    grid_blocks = grid_partition(x, (2, 3))
+    assert grid_blocks[0, 0, 0, :, 0].tolist() == [0, 2, 4, 12, 14, 16]  # a 2x3 grid spread over the map
+    torch.testing.assert_close(window_merge(blocks, (2, 3)), x)
+    torch.testing.assert_close(grid_merge(grid_blocks, (2, 3)), x)
 
 
 def test_relative_position_bias_depends_on_offset_only():
@@ -272,7 +265,7 @@ def test_mask_token_fills_hidden_stem_cells(name):
     m = build(name)
     x = torch.randn(2, 3, *m.default_size)
     mask = masking.random_mask(2, m.mask_grid(m.default_size), 0.5, generator=torch.Generator().manual_seed(0))
-    stem = m.apply_mask(m.stem(x), mask)
+    stem = to_channels_last(m.apply_mask(m.stem(x), mask))  # (B, h0, w0, C0)
     factor = stem.shape[1] // mask.shape[1]
     hidden = masking.upsample_mask(mask, factor)
     assert torch.equal(stem[hidden], m.mask_token.expand(int(hidden.sum()), -1))
