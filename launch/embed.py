@@ -86,7 +86,7 @@ def _check_out(out: Path) -> None:
 def _input_size(model: nn.Module, requested: int | None) -> int:
     """--image-size, or the backbone's default; a multiple of its size_multiple."""
     size = requested or int(model.default_size[-1])
-    m = int(getattr(model, "size_multiple", 1))
+    m = int(model.size_multiple)
     if size % m:
         raise LaunchError(f"--image-size {size} is not a multiple of the backbone's size_multiple {m}")
     return size
@@ -107,7 +107,7 @@ def _prepare(mean: list[float], std: list[float], size: int, video: bool) -> Cal
 
 def _frames(model: nn.Module, data_cfg: dict[str, Any]) -> tuple[int | None, int]:
     """(frames, stride) of the clips a video backbone reads, (None, 1) for images."""
-    if not getattr(model, "is_video", False):
+    if not model.is_video:
         return None, 1
     return int(data_cfg.get("frames") or model.default_size[0]), int(data_cfg.get("frame_stride") or 1)
 

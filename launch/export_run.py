@@ -42,9 +42,7 @@ def pick_module(objective: ssl_vit.Objective, which: str | None, name: str) -> n
     default = objective.export_backbone()
     if which == "student":
         return objective.backbone
-    # a teacher of its own (DINO, EsViT); MAE's default export is a re-pooled copy of the student, not a teacher
-    has_teacher = isinstance(getattr(objective, "teacher", None), nn.Module) and default is not objective.backbone
-    if which == "teacher" and not has_teacher:
+    if which == "teacher" and not objective.exports_teacher:
         raise LaunchError(f"--which teacher: objective '{name}' has no teacher (only DINO and EsViT have one); "
                           "drop --which or use --which student")
     return default

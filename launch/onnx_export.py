@@ -67,7 +67,7 @@ def onnx_meta(module: nn.Module, *, objective: str | None = None, step: int | No
 
 def _family(module: nn.Module) -> str:
     """The registry name (e.g. `cvt_tiny`), or the class name of a class-built backbone."""
-    return getattr(module, "registry_name", None) or type(module).__name__
+    return module.registry_name or type(module).__name__
 
 
 def _failed_op(err: BaseException) -> str:

@@ -181,6 +181,7 @@ class Dino(Objective):
     """
 
     requires = (frozenset(),)
+    exports_teacher = True  # the EMA teacher is what gets exported
     num_global_crops = 2
 
     def __init__(

@@ -56,6 +56,7 @@ class Objective(nn.Module):
     # Declared capabilities the launcher reads (never probed with getattr/hasattr):
     needs_labels: bool = False  # the launcher passes `labels=` (B,) long when True (distillation)
     can_reconstruct: bool = False  # `reconstruct(images)` gives pictures (MAE, SimMIM)
+    exports_teacher: bool = False  # `export_backbone()` is an EMA teacher, `backbone` the student (DINO family)
     # The pooling of the final tokens the loss trains ("mean": MAE, SimMIM, MPP, MP3), which the exported
     # backbone uses; None: the backbone's own (DINO trains the class token it pools).
     trained_pool: str | None = None
