@@ -262,8 +262,11 @@ class ShardStream(IterableDataset):
     def _epoch_shards(self, epoch: int, part: int, parts: int) -> tuple[list[str], bool]:
         """(shards this part reads in `epoch`, whether it splits them by samples with the other parts)."""
         if self.resampled:
-            rng = random.Random(f"resample-{self.seed}-{epoch}-{part}")
-            return [rng.choice(self.urls) for _ in range(max(1, len(self.urls) // parts))], False
+            # one draw per epoch shared by every reader, dealt out: no shard read twice within an epoch
+            rng = random.Random(f"resample-{self.seed}-{epoch}")
+            if len(self.urls) >= parts:
+                return rng.sample(self.urls, k=len(self.urls) // parts * parts)[part::parts], False
+            return [rng.choice(self.urls)], True  # fewer shards than readers: split that shard by samples
         shards = list(self.urls)
         random.Random(f"shards-{self.seed}-{epoch}").shuffle(shards)
         if len(shards) >= parts:

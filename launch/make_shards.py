@@ -191,7 +191,7 @@ def make_shards(image_dir: str | Path, out_dir: str | Path, *, shard_size: int =
         if count == 0:
             raise LaunchError(f"no readable images in {image_dir} ({len(skipped)} unreadable files)")
         for line in reasons:
-            print(f"skipped unreadable image {line}", file=sys.stderr)
+            print(f"skipping unreadable image {line}", file=sys.stderr)
         manifest = {"samples": count, "shards": writer.shards, "pattern": pattern(prefix, len(writer.shards)),
                     "classes": classes, "num_classes": len(classes), "skipped": skipped,
                     "source": str(image_dir)}

@@ -376,12 +376,14 @@ def test_on_resume_resyncs_schedules():
     assert d.momentum == pytest.approx(d.momentum_at(49, 100))
 
 
-def test_demo_profile_keeps_dinos_crops_and_augmentations():
-    """The demo profile only shrinks DINO (head, prototypes, local crop count): its views keep the local
-    crops and the photometric recipe, and the schedules are DINO's defaults."""
+def test_demo_profile_keeps_esvits_crops_and_augmentations():
+    """The demo profile only shrinks EsViT (head, prototypes, local crop count): its views keep the local
+    crops and the photometric recipe, and the schedules are DINO's defaults. (DINO's demo profile keeps the
+    milder views that learn on the tiny digits: configs/profiles/demo/dino.yaml; tests/test_probe.py checks
+    that its run beats random init without collapsing.)"""
     assert not {"photometric_augment", "global_lower_crop_scale", "moving_average_decay", "teacher_temp_final",
-                "head_init_std"} & set(DEMO_DINO)
-    for cls, args in ((Dino, DEMO_DINO), (EsViTTrainer, DEMO_ESVIT)):
+                "head_init_std"} & set(DEMO_ESVIT)
+    for cls, args in ((EsViTTrainer, DEMO_ESVIT),):
         d = cls(tiny_vit(), **args)
         specs = d.view_specs()
         assert [s.name for s in specs] == ["global_1", "global_2", "local"] and specs[2].count >= 2
