@@ -12,12 +12,12 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from ssl_vit.files import atomic_dir
 
 from .make_shards import ShardWriter, pattern
 
@@ -65,17 +65,13 @@ def digits_shards(cache: str | None = None) -> tuple[str, str]:
         idx = np.arange(len(digits.target))
         train_idx, val_idx = train_test_split(idx, test_size=0.15, random_state=0, stratify=digits.target)
         train_idx, val_idx = np.sort(train_idx), np.sort(val_idx)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{VERSION}-", dir=folder.parent))
-        train, train_shards = _write(tmp, "train", digits.images[train_idx], digits.target[train_idx], TRAIN_SHARDS)
-        val, val_shards = _write(tmp, "val", digits.images[val_idx], digits.target[val_idx], VAL_SHARDS)
-        info = {"name": "sklearn digits", "train": train, "val": val, "train_samples": len(train_idx),
-                "val_samples": len(val_idx), "classes": [str(c) for c in range(10)], "num_classes": 10,
-                "shards": train_shards + val_shards}
-        (tmp / "manifest.json").write_text(json.dumps(info, indent=1))
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process finished first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(folder, keep_existing=True) as tmp:  # another process finished first: keep theirs
+            train, train_shards = _write(tmp, "train", digits.images[train_idx], digits.target[train_idx],
+                                         TRAIN_SHARDS)
+            val, val_shards = _write(tmp, "val", digits.images[val_idx], digits.target[val_idx], VAL_SHARDS)
+            info = {"name": "sklearn digits", "train": train, "val": val, "train_samples": len(train_idx),
+                    "val_samples": len(val_idx), "classes": [str(c) for c in range(10)], "num_classes": 10,
+                    "shards": train_shards + val_shards}
+            (tmp / "manifest.json").write_text(json.dumps(info, indent=1))
     info = json.loads(manifest.read_text())
     return str(folder / info["train"]), str(folder / info["val"])

@@ -69,10 +69,12 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 @contextmanager
-def atomic_dir(final: str | Path) -> Iterator[Path]:
+def atomic_dir(final: str | Path, *, keep_existing: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary folder next to `final`; rename it to `final` on normal exit.
 
-    An existing `final` is replaced whole: it is renamed aside to `.{name}.old-<random>` and deleted after the new
+    `keep_existing`: a `final` that exists when the new folder is complete wins and the new one is discarded
+    (several processes building the same cache: the first to finish is kept). Otherwise an existing `final` is
+    replaced whole: it is renamed aside to `.{name}.old-<random>` and deleted after the new
     folder is in place. On an exception the temporary folder is removed and the old `final` is untouched.
     Permissions follow the umask (folders 0o777 & ~umask, files 0o666 & ~umask, whatever the writer used:
     safetensors makes 0600 files), so other users can read what was written.
@@ -96,6 +98,14 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
                 _fsync_file(path)
             _fsync_dir(Path(root))
         old: Path | None = None
+        if keep_existing:
+            try:
+                os.rename(tmp, final)  # fails when another writer's folder is already there
+            except OSError:
+                if not final.is_dir():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+            return
         if final.exists() or final.is_symlink():
             old = final.parent / f".{final.name}.old-{secrets.token_hex(4)}"
             os.replace(final, old)

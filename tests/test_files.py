@@ -156,3 +156,16 @@ def test_remove_stale_temps(tmp_path):
     assert sorted(p.name for p in removed) == [".ckpt.old-def", ".ckpt.tmp-abc", ".meta.json.tmp-x"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "ckpt"]
     assert remove_stale_temps(tmp_path / "absent") == []
+
+
+def test_atomic_dir_keep_existing_lets_the_first_writer_win(tmp_path):
+    """Two processes building one cache: the folder that is there first is kept, the later one discarded."""
+    from ssl_vit.files import atomic_dir
+
+    final = tmp_path / "cache"
+    with atomic_dir(final, keep_existing=True) as a:
+        (a / "who").write_text("first")
+        with atomic_dir(final, keep_existing=True) as b:  # finishes first
+            (b / "who").write_text("second")
+    assert (final / "who").read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
