@@ -66,6 +66,15 @@ def count_callable_flops(fn: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
+_COUNTING = [False]
+
+
+def is_counting() -> bool:
+    """True while `count_step_flops` runs the objective: that forward is a measurement, not a training step
+    (fault-injection tests that count training forwards skip it)."""
+    return _COUNTING[0]
+
+
 def count_step_flops(objective: Objective, views: list[Tensor], labels: Tensor | None = None) -> int:
     """FLOPs of one training step's forward and backward on `views` (one micro-batch of one process).
 
@@ -88,12 +97,14 @@ def count_step_flops(objective: Objective, views: list[Tensor], labels: Tensor |
     for p in params:
         p.grad = None
     counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
+    _COUNTING[0] = True
     try:
         with torch.random.fork_rng(devices=_rng_devices(copies)), counter:
             loss = objective(copies, **kwargs)
             if loss.requires_grad:
                 loss.backward()
     finally:
+        _COUNTING[0] = False
         for p, grad in zip(params, grads):
             p.grad = grad
         with torch.no_grad():
