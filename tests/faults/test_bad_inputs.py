@@ -161,7 +161,7 @@ CASES = {
     "export_which_teacher_mae": ("export", lambda w: [str(w.run), str(w.out), "--which", "teacher"], "no teacher"),
     "export_which_of_an_export": ("export", lambda w: [str(w.export), str(w.out), "--which", "student"],
                                   "--which"),
-    "export_format_unknown": ("export", lambda w: [str(w.run), str(w.out), "--format", "onnx"], "--format"),
+    "export_format_unknown": ("export", lambda w: [str(w.run), str(w.out), "--format", "tflite"], "--format"),
     "export_out_is_a_file": ("export", lambda w: [str(w.run), str(w.afile)], "is a file"),
     "export_out_holds_files": ("export", lambda w: [str(w.run), str(w.plain)], "not a backbone export"),
     "export_truncated_weights": ("export", lambda w: [str(w.trunc), str(w.out)], "backbone.safetensors"),
