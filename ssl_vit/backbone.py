@@ -68,6 +68,10 @@ def _describe(hint: Any) -> str:
         return "None"
     origin = typing.get_origin(hint)
     if origin in (tuple, list, Sequence) or hint in (tuple, list, Sequence):
+        args = typing.get_args(hint)
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            # the variable-length tuples of the constructors are per-stage (or per-layer) settings
+            return "a list or tuple with one entry per stage (or layer)"
         return "a list or tuple"
     return getattr(hint, "__name__", str(hint))
 
