@@ -1,9 +1,11 @@
 """Pictures of a run: class-token attention maps, MAE/SimMIM reconstructions, training curves.
 
 `python -m launch.visualize RUN_DIR` writes `attention.png`, `reconstruction.png` (objectives with a
-`reconstruct` method) and `curves.png` to RUN_DIR/visualize. The attention maps are the last
-layer's class-token attention over the patches, per head and averaged, as in DINO's Figure 1
-(Caron et al. 2021); models without a class token show the attention each patch receives.
+`reconstruct` method) and `curves.png` to RUN_DIR/visualize; with `--registers-vs OTHER_RUN`, also
+`registers.png`: the maps of the backbone with register tokens next to the one without (Darcet et
+al. 2024). The attention maps are the last layer's class-token attention over the patches, per head
+and averaged, as in DINO's Figure 1 (Caron et al. 2021); models without a class token show the
+attention each patch receives.
 Reconstructions are shown in pixel space: the objective puts per-patch normalised predictions back
 with each patch's own statistics (`objectives.losses.unnormalize_patches`), and the figure undoes the
 launcher's `data.mean`/`data.std` normalisation per channel. Curves are one panel per metric family
@@ -41,8 +43,9 @@ from .digits import digits_shards
 from .errors import LaunchError
 from .knn import IMAGENET_MEAN, IMAGENET_STD, normalizer
 
-__all__ = ["attention_maps", "attention_figure", "reconstruction_figure", "reconstruction_pixels", "curves_figure",
-           "metric_panels", "ema", "read_metrics", "run_figures", "log_images", "visualize_run", "main"]
+__all__ = ["attention_maps", "attention_figure", "register_share", "registers_figure", "reconstruction_figure",
+           "reconstruction_pixels", "curves_figure", "metric_panels", "ema", "read_metrics", "run_figures",
+           "log_images", "visualize_run", "main"]
 
 CELL = 1.35  # inches per picture in a grid figure
 DPI = 100
@@ -78,9 +81,9 @@ def _grid_axes(rows: int, cols: int, title: str | None) -> tuple[Figure, np.ndar
 
 
 @torch.no_grad()
-def attention_maps(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, str]:
-    """Last attention layer's maps over the final token grid: x (B, C, H, W) -> (B, heads, h, w), each
-    map scaled to [0, 1], and what they show ("class token" or "received")."""
+def _last_attention(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """The last attention layer's weights (B, heads, N, N) on x (B, C, H, W), with N = prefix + h * w, and
+    (prefix, h, w). LaunchError when the model records none or its last layer is not global over the final grid."""
     was_training = backbone.training
     backbone.eval()
     recorder = Recorder(backbone)
@@ -98,7 +101,18 @@ def attention_maps(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, 
     if last.shape[0] != x.shape[0] or prefix < 0 or last.shape[-2] != last.shape[-1]:
         raise LaunchError(f"{type(backbone).__name__}: its last attention layer is not global over the final "
                           "grid (windowed or pooled attention), so no per-image map can be drawn")
-    if prefix - backbone.num_registers >= 1:  # a class token in front of the registers
+    return last, prefix, h, w
+
+
+def _has_class_token(backbone: nn.Module, prefix: int) -> bool:
+    return prefix - backbone.num_registers >= 1  # a class token in front of the registers
+
+
+def attention_maps(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """Last attention layer's maps over the final token grid: x (B, C, H, W) -> (B, heads, h, w), each
+    map scaled to [0, 1], and what they show ("class token" or "received")."""
+    last, prefix, h, w = _last_attention(backbone, x)
+    if _has_class_token(backbone, prefix):
         maps, what = last[:, :, 0, prefix:], "class token"
     else:  # what each patch receives from every query, register columns left out
         maps, what = last[:, :, :, prefix:].mean(dim=2), "received"
@@ -106,6 +120,18 @@ def attention_maps(backbone: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, 
     lo = maps.amin(dim=(-2, -1), keepdim=True)
     hi = maps.amax(dim=(-2, -1), keepdim=True)
     return (maps - lo) / (hi - lo).clamp_min(1e-12), what
+
+
+def register_share(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The share of the last layer's attention that goes to the register tokens: x (B, C, H, W) -> (B,) in
+    [0, 1], mean over heads; the class token's row where there is one, else the mean over every query.
+    Zeros for a backbone without registers."""
+    last, prefix, _, _ = _last_attention(backbone, x)
+    registers = backbone.num_registers
+    if not registers:
+        return x.new_zeros(x.shape[0])
+    rows = last[:, :, :1] if _has_class_token(backbone, prefix) else last
+    return rows[..., prefix - registers:prefix].sum(-1).mean(dim=(1, 2))
 
 
 def attention_figure(backbone: nn.Module, images: torch.Tensor, prepare: Callable[[torch.Tensor], torch.Tensor],
@@ -132,6 +158,51 @@ def attention_figure(backbone: nn.Module, images: torch.Tensor, prepare: Callabl
                                   interpolation="nearest", extent=extent)
     for c, label in enumerate(labels):
         axes[0, c].set_title(label, fontsize=8)
+    return render(fig)
+
+
+def _mean_map(maps: torch.Tensor) -> np.ndarray:
+    """(heads, h, w) maps -> their mean (h, w), scaled to [0, 1]."""
+    mean = maps.mean(0)
+    return ((mean - mean.min()) / (mean.max() - mean.min()).clamp_min(1e-12)).cpu().numpy()
+
+
+def registers_figure(with_registers: nn.Module, without: nn.Module, images: torch.Tensor,
+                     prepare: Callable[[torch.Tensor], torch.Tensor],
+                     prepare_without: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Image.Image:
+    """Attention maps with and without registers (Darcet et al. 2024, Fig. 1): rows of image, then for the backbone
+    without registers and the one with them the mean-over-heads last-layer map on the image and alone (inferno,
+    [0, 1] per map). Register columns are left out of the maps; the titles give the share of attention the
+    registers take. images: uint8 (B, 3, H, W); `prepare_without` (default `prepare`) normalises for `without`.
+    LaunchError unless `with_registers` has registers and `without` has none."""
+    if with_registers.num_registers < 1 or without.num_registers != 0:
+        raise LaunchError(f"comparing registers needs one backbone with registers and one without; got "
+                          f"{with_registers.num_registers} and {without.num_registers} registers")
+    columns: list[tuple[str, str, np.ndarray]] = []
+    size = None
+    for model, prep in ((without, prepare_without or prepare), (with_registers, prepare)):
+        x = prep(images)
+        size = x.shape[-2:]
+        maps, what = attention_maps(model, x)
+        name = f"{model.num_registers} registers" if model.num_registers else "no registers"
+        if model.num_registers:
+            name += f", {100 * float(register_share(model, x).mean()):.0f} % to them"
+        columns.append((name, what, np.stack([_mean_map(m) for m in maps])))
+    whats = " / ".join(dict.fromkeys(what for _, what, _ in columns))
+    fig, axes = _grid_axes(images.shape[0], 5, f"last-layer attention ({whats}) without and with registers")
+    extent = (0, size[1], size[0], 0)
+    for b in range(images.shape[0]):
+        picture = _rgb(torch.nn.functional.interpolate(images[b:b + 1].float(), size=size)[0] / 255)
+        axes[b, 0].imshow(picture, interpolation="nearest", extent=extent)
+        for c, (_, _, maps) in enumerate(columns):
+            axes[b, 1 + 2 * c].imshow(picture, interpolation="nearest", extent=extent)
+            axes[b, 1 + 2 * c].imshow(maps[b], cmap="inferno", alpha=0.6, vmin=0, vmax=1, interpolation="nearest",
+                                      extent=extent)
+            axes[b, 2 + 2 * c].imshow(maps[b], cmap="inferno", vmin=0, vmax=1, interpolation="nearest", extent=extent)
+    axes[0, 0].set_title("image", fontsize=8)
+    for c, (label, _, _) in enumerate(columns):
+        axes[0, 1 + 2 * c].set_title(label, fontsize=7)
+        axes[0, 2 + 2 * c].set_title("map", fontsize=7)
     return render(fig)
 
 
@@ -321,11 +392,35 @@ def _run_parts(run_dir: Path) -> tuple[Path | None, Path | None, Path | None]:
     return export, checkpoint, metrics if metrics.is_file() else None
 
 
+def _load_run(run_dir: Path) -> tuple[nn.Module | None, nn.Module | None, Sequence[float], Sequence[float], int | None]:
+    """(objective, backbone, data mean, data std, view size) of a run folder (its latest verified checkpoint) or
+    of an export folder; None for what it does not hold."""
+    export, checkpoint, _ = _run_parts(run_dir)
+    if checkpoint is not None:
+        run = restore(ckpt.verified(checkpoint))
+        return run.objective, run.objective.export_backbone(), run.cfg.data.mean, run.cfg.data.std, \
+            run.cfg.data.view_size
+    if export is not None:
+        backbone = ssl_vit.load_backbone(export)
+        data_cfg = (backbone.export_meta.get("config") or {}).get("data") or {}
+        return None, backbone, data_cfg.get("mean", IMAGENET_MEAN), data_cfg.get("std", IMAGENET_STD), \
+            data_cfg.get("view_size")
+    return None, None, IMAGENET_MEAN, IMAGENET_STD, None
+
+
+def _input_size(backbone: nn.Module, size: int | None) -> int:
+    """The run's view size where the backbone takes it, else the backbone's default size."""
+    size = int(size or backbone.default_size[-1])
+    return size if size % backbone.size_multiple == 0 else int(backbone.default_size[-1])
+
+
 def run_figures(run_dir: str | Path, *, images: int = 6, data: str | None = None, cache: str | None = None,
-                notes: list[str] | None = None) -> dict[str, Image.Image]:
-    """The figures of a run folder by name ("curves", "attention", "reconstruction"), those it can give.
-    Checksums are verified before weights are read; sample images come from `data` (or the embedded
-    digits), never from the run's own config. Why a picture is missing is appended to `notes`."""
+                notes: list[str] | None = None, registers_vs: str | Path | None = None) -> dict[str, Image.Image]:
+    """The figures of a run folder by name ("curves", "attention", "reconstruction"), those it can give, and
+    "registers" (`registers_figure`) when `registers_vs` names another run or export folder: one of the two
+    backbones must have registers, the other none. Checksums are verified before weights are read; sample
+    images come from `data` (or the embedded digits), never from the run's own config. Why a picture is
+    missing is appended to `notes`."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise LaunchError(f"{run_dir} is not a folder (give a run's output folder)")
@@ -333,23 +428,21 @@ def run_figures(run_dir: str | Path, *, images: int = 6, data: str | None = None
     if export is None and checkpoint is None and metrics is None:
         raise LaunchError(f"{run_dir} holds no export, checkpoint or metrics.jsonl: is it a run folder?")
     notes = [] if notes is None else notes
-    objective = backbone = None
-    mean, std, size = IMAGENET_MEAN, IMAGENET_STD, None
-    if checkpoint is not None:
-        run = restore(ckpt.verified(checkpoint))
-        objective, backbone = run.objective, run.objective.export_backbone()
-        mean, std, size = run.cfg.data.mean, run.cfg.data.std, run.cfg.data.view_size
-    elif export is not None:
-        backbone = ssl_vit.load_backbone(export)
-        data_cfg = (backbone.export_meta.get("config") or {}).get("data") or {}
-        mean, std, size = data_cfg.get("mean", mean), data_cfg.get("std", std), data_cfg.get("view_size")
+    objective, backbone, mean, std, size = _load_run(run_dir)
+    other = None
+    if registers_vs is not None:
+        if backbone is None or not Path(registers_vs).is_dir():
+            raise LaunchError(f"--registers-vs needs a backbone in {run_dir} and a run or export folder "
+                              f"{registers_vs}")
+        _, other_backbone, other_mean, other_std, other_size = _load_run(Path(registers_vs))
+        if other_backbone is None:
+            raise LaunchError(f"{registers_vs} holds no export or checkpoint to compare registers with")
+        other = other_backbone.eval(), other_mean, other_std, other_size
     figures: dict[str, Image.Image] = {}
     sample = None
     if backbone is not None:  # read the sample images first: bad --data fails before anything is drawn
         backbone.eval()
-        size = int(size or backbone.default_size[-1])
-        if size % backbone.size_multiple:
-            size = int(backbone.default_size[-1])
+        size = _input_size(backbone, size)
         sample = _sample_images(data, size, images, cache)
     if metrics is not None:
         figures["curves"] = curves_figure(read_metrics(metrics))
@@ -365,14 +458,23 @@ def run_figures(run_dir: str | Path, *, images: int = 6, data: str | None = None
             figures["reconstruction"] = reconstruction_figure(objective, sample, prepare, mean, std)
         elif objective is not None:
             notes.append(f"no reconstructions: {type(objective).__name__} does not reconstruct images")
+        if other is not None:
+            other_backbone, other_mean, other_std, other_size = other
+            prepare_other = normalizer(other_mean, other_std, _input_size(other_backbone, other_size))
+            pair = [(backbone, prepare), (other_backbone, prepare_other)]
+            if backbone.num_registers == 0:
+                pair.reverse()
+            (with_registers, prepare_with), (without, prepare_without) = pair
+            figures["registers"] = registers_figure(with_registers, without, sample, prepare_with, prepare_without)
     return figures
 
 
 def visualize_run(run_dir: str | Path, out_dir: str | Path | None = None, *, images: int = 6,
-                  data: str | None = None, cache: str | None = None) -> list[Path]:
+                  data: str | None = None, cache: str | None = None,
+                  registers_vs: str | Path | None = None) -> list[Path]:
     """Write the figures of a run as PNG files to `out_dir` (default RUN_DIR/visualize); returns the paths."""
     notes: list[str] = []
-    figures = run_figures(run_dir, images=images, data=data, cache=cache, notes=notes)
+    figures = run_figures(run_dir, images=images, data=data, cache=cache, notes=notes, registers_vs=registers_vs)
     for note in notes:
         if "skipped" in note:
             print(note, file=sys.stderr)
@@ -386,7 +488,8 @@ def visualize_run(run_dir: str | Path, out_dir: str | Path | None = None, *, ima
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m launch.visualize RUN_DIR [--out DIR] [--images N] [--data SHARDS] [--cache DIR]`."""
+    """`python -m launch.visualize RUN_DIR [--out DIR] [--images N] [--data SHARDS] [--cache DIR]
+    [--registers-vs OTHER_RUN]`."""
     p = ArgumentParser(prog="python -m launch.visualize", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", help="a run's output folder (export/, checkpoints/, metrics.jsonl)")
     p.add_argument("--out", help="where the PNG files go (default: RUN_DIR/visualize)")
@@ -394,11 +497,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help="shards to take the sample images from (default: the embedded digits; the "
                                   "run's own data specs are never opened, they may hold pipe: commands)")
     p.add_argument("--cache", help="where the embedded digits shards are built")
+    p.add_argument("--registers-vs", metavar="OTHER_RUN",
+                   help="another run or export folder: registers.png compares the attention maps of the backbone "
+                        "with registers (backbone_args.num_registers) to the one without")
     try:
         args = p.parse_args(argv)
         if args.images < 1:
             p.error("--images must be at least 1")
-        written = visualize_run(args.run_dir, args.out, images=args.images, data=args.data, cache=args.cache)
+        written = visualize_run(args.run_dir, args.out, images=args.images, data=args.data, cache=args.cache,
+                                registers_vs=args.registers_vs)
     except (ssl_vit.SslVitError, OSError, ValueError) as err:
         print(f"visualize: error: {err}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 import ssl_vit
@@ -165,3 +166,71 @@ def test_log_images_writes_both_figures():
     for array in writer.images.values():
         assert array.dtype == np.uint8 and array.ndim == 3 and array.shape[-1] == 3
         _not_blank(array.astype(np.int16))
+
+
+# ---- attention with and without registers (issue #17) ----------------------------------------------------
+def _register_pair(registers: int = 4) -> tuple[ssl_vit.Backbone, ssl_vit.Backbone]:
+    """vit_tiny without registers and the same weights with `registers` register tokens (drawn N(0, 1)): whatever
+    differs between their maps is what the registers do."""
+    torch.manual_seed(0)
+    without = ssl_vit.create_backbone("vit_tiny").eval()
+    with_registers = ssl_vit.create_backbone("vit_tiny", num_registers=registers).eval()
+    assert with_registers.load_state_dict(without.state_dict(), strict=False).missing_keys == ["reg_token"]
+    with torch.no_grad():
+        with_registers.reg_token.normal_(std=1.0, generator=torch.Generator().manual_seed(1))
+    return with_registers, without
+
+
+def _panel(pixels: np.ndarray, column: int, columns: int = 5) -> np.ndarray:
+    """The inner part of column `column` of a grid figure (left 0.01, right 0.99, wspace 0.05), below the titles."""
+    width = pixels.shape[1]
+    axis = 0.98 * width / (columns + 0.05 * (columns - 1))
+    left = 0.01 * width + column * 1.05 * axis
+    start, span = int(left + 0.15 * axis), int(0.7 * axis)
+    return pixels[int(0.2 * pixels.shape[0]):, start:start + span]
+
+
+def test_registers_figure_shows_two_different_maps():
+    """The maps of the backbone with registers and of the one without are pictures (not blank) and differ from
+    each other, in the numbers and in the figure; the registers take a share of the class token's attention."""
+    from launch.visualize import attention_maps, register_share, registers_figure
+
+    with_registers, without = _register_pair()
+    images = torch.randint(0, 256, (2, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    prepare = normalizer(size=32)
+    x = prepare(images)
+    (maps_with, what_with), (maps_without, what_without) = attention_maps(with_registers, x), attention_maps(without, x)
+    assert what_with == what_without == "class token" and maps_with.shape == maps_without.shape == (2, 2, 4, 4)
+    assert (maps_with - maps_without).abs().max() > 0.1
+    share = register_share(with_registers, x)
+    assert share.shape == (2,) and ((share > 0.01) & (share < 1)).all(), share
+    assert torch.equal(register_share(without, x), torch.zeros(2))
+
+    pixels = _rgb(registers_figure(with_registers, without, images, prepare))
+    _not_blank(pixels)
+    map_without, map_with = _panel(pixels, 2), _panel(pixels, 4)
+    for panel in (map_without, map_with):
+        assert panel.mean(-1).std() > 10, "an attention map is (nearly) blank"
+        assert ((panel.max(-1) - panel.min(-1)) > 60).mean() > 0.3, "an attention map is not in colour"
+    assert np.abs(map_with - map_without).mean() > 5, "the maps with and without registers look the same"
+    with pytest.raises(LaunchError, match="one backbone with registers and one without"):
+        registers_figure(without, without, images, prepare)
+
+
+def test_visualize_command_compares_registers(tmp_path):
+    """`python -m launch.visualize EXPORT --registers-vs OTHER` writes registers.png, whichever of the two has the
+    registers; two backbones without registers are one line and exit 2."""
+    from launch.visualize import main
+
+    with_registers, without = _register_pair()
+    a = ssl_vit.save_backbone(with_registers, tmp_path / "with", config={"data": {"mean": [0.5] * 3, "std": [0.5] * 3}})
+    b = ssl_vit.save_backbone(without, tmp_path / "without", config={"data": {"mean": [0.5] * 3, "std": [0.5] * 3}})
+    cache = str(tmp_path / "cache")
+    for first, second in ((a, b), (b, a)):
+        out = tmp_path / f"out_{first.name}"
+        assert main([str(first), "--registers-vs", str(second), "--images", "2", "--cache", cache,
+                     "--out", str(out)]) == 0
+        with Image.open(out / "registers.png") as img:
+            _not_blank(_rgb(img))
+        assert (out / "attention.png").is_file()
+    assert main([str(b), "--registers-vs", str(b), "--cache", cache, "--out", str(tmp_path / "bad")]) == 2
