@@ -10,8 +10,9 @@ loader counts the samples a truncated shard lost from it), the classes and the s
 
 Bad input (a missing or empty folder, no readable image, an output path that is a file or cannot be
 written) is one line on stderr and exit status 2. Shards are written to a hidden folder inside the
-output folder and moved into place, manifest last, only when all of them are complete: a failed or
-interrupted run leaves nothing behind.
+output folder and moved into place, manifest last, only when all of them are complete
+(`ssl_vit.files.merge_dir`): a failed or interrupted run leaves nothing behind, and the folder's
+other files stay.
 
 Video: a folder of clips (`.npy` uint8 (T, H, W, C) files, or subfolders of numbered frame images;
 class subfolders become labels) is written by `launch.video.write_clip_shards`, one clip per sample.
@@ -24,15 +25,14 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
-import shutil
 import sys
 import tarfile
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from PIL import Image
+
+from ssl_vit.files import merge_dir
 
 from .args import ArgumentParser
 from .errors import LaunchError
@@ -116,37 +116,17 @@ def encode(path: Path) -> tuple[str, bytes]:
 
 @contextlib.contextmanager
 def staged_output(out_dir: str | Path) -> Iterator[Path]:
-    """A hidden folder inside `out_dir` to write into; its files are moved into `out_dir` (`manifest.json`
-    last) when the block ends normally, and it is removed either way, with any folder it created.
+    """A hidden folder inside `out_dir` to write into, published into `out_dir` (`manifest.json` last) when the
+    block ends normally and removed either way, with any folder it created (`ssl_vit.files.merge_dir`).
     LaunchError when `out_dir` is a file or cannot be written."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise LaunchError(f"output {out_dir} is a file, not a folder: pass a folder for the shards")
-    created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # innermost first
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=".make_shards-", dir=out_dir))
-    except OSError as err:
-        _remove_empty(created)
-        raise LaunchError(f"cannot write to {out_dir}: {err.strerror or err}") from None
-    try:
-        try:
+        with merge_dir(out_dir, last=("manifest.json",)) as stage:
             yield stage
-            for name in sorted((p.name for p in stage.iterdir()), key=lambda n: n == "manifest.json"):
-                os.replace(stage / name, out_dir / name)
-        except OSError as err:
-            raise LaunchError(f"cannot write shards to {out_dir}: {err.strerror or err}") from None
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        _remove_empty(created)
-        raise
-    shutil.rmtree(stage, ignore_errors=True)
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    for folder in folders:  # innermost first
-        with contextlib.suppress(OSError):
-            folder.rmdir()
+    except OSError as err:
+        raise LaunchError(f"cannot write shards to {out_dir}: {err.strerror or err}") from None
 
 
 def make_shards(image_dir: str | Path, out_dir: str | Path, *, shard_size: int = 1000, prefix: str = "train",

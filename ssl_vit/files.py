@@ -1,8 +1,11 @@
-"""Atomic writes and the integrity manifest of checkpoint and export folders.
+"""Atomic writes and the integrity manifest of checkpoint and export folders: the one home of the project's
+staged writes.
 
 A folder is written under a temporary name next to its final place and renamed into place only when complete,
-so a crash never leaves a half-written folder under the final name. `write_manifest` records the sha256 and byte
-size of every file, written last; `verify_manifest` checks them before anything in the folder is read.
+so a crash never leaves a half-written folder under the final name (`atomic_dir`). Files added to a folder that
+holds others (shards made into a user's folder) are staged inside it and moved in, manifest last (`merge_dir`).
+`write_manifest` records the sha256 and byte size of every file, written last; `verify_manifest` checks them
+before anything in the folder is read.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -68,6 +71,32 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def _settle(folder: Path) -> None:
+    """Permissions of everything below `folder` to the umask (folders 0o777, files 0o666, execute bits kept),
+    then every file and folder flushed to disk. Symbolic links are left alone."""
+    mask = _umask()
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            if not Path(root, name).is_symlink():
+                os.chmod(Path(root, name), 0o777 & ~mask)
+        for name in files:
+            path = Path(root, name)
+            if path.is_symlink():
+                continue
+            os.chmod(path, (0o666 & ~mask) | (path.stat().st_mode & 0o111 & ~mask))
+            _fsync_file(path)
+        _fsync_dir(Path(root))
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    """rmdir each of `folders` (innermost first) that is empty; the others stay."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
 @contextmanager
 def atomic_dir(final: str | Path, *, keep_existing: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary folder next to `final`; rename it to `final` on normal exit.
@@ -83,20 +112,9 @@ def atomic_dir(final: str | Path, *, keep_existing: bool = False) -> Iterator[Pa
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     try:
-        mask = _umask()
-        os.chmod(tmp, 0o777 & ~mask)
+        os.chmod(tmp, 0o777 & ~_umask())
         yield tmp
-        for root, dirs, files in os.walk(tmp):
-            for name in dirs:
-                if not Path(root, name).is_symlink():
-                    os.chmod(Path(root, name), 0o777 & ~mask)
-            for name in files:
-                path = Path(root, name)
-                if path.is_symlink():
-                    continue
-                os.chmod(path, (0o666 & ~mask) | (path.stat().st_mode & 0o111 & ~mask))
-                _fsync_file(path)
-            _fsync_dir(Path(root))
+        _settle(tmp)
         old: Path | None = None
         if keep_existing:
             try:
@@ -124,6 +142,48 @@ def atomic_dir(final: str | Path, *, keep_existing: bool = False) -> Iterator[Pa
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink(missing_ok=True)
+
+
+@contextmanager
+def merge_dir(final: str | Path, *, last: Sequence[str] = (MANIFEST,)) -> Iterator[Path]:
+    """Yield a fresh hidden folder `final/.merge.tmp-<random>` to write into; on normal exit its entries are
+    published into `final`, which keeps its other files: the one place that adds files to an existing folder
+    (shards made into a user's folder), where `atomic_dir` replaces a folder whole.
+
+    Publishing: permissions and flushes as `atomic_dir`; then each name of `last` (a manifest) already in
+    `final` is removed, every other entry is moved in with `os.replace` (replacing a file of the same name),
+    and the `last` entries are moved in after them. Each file lands whole, the set of them does not, so the
+    manifest is removed first and written last: a manifest in `final` never lists files that were changed
+    after it, and readers that trust only what the manifest lists never see a half-published set.
+    On an exception in the block the staging folder is removed and `final` is untouched; folders this call
+    created (`final` and missing parents) are removed again when left empty. `remove_stale_temps(final)`
+    clears the staging folder of a killed process.
+    """
+    final = Path(final)
+    created = [p for p in (final, *final.parents) if not p.exists()]  # innermost first
+    try:
+        final.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(dir=final, prefix=".merge.tmp-"))
+    except BaseException:
+        _remove_empty(created)
+        raise
+    try:
+        os.chmod(stage, 0o777 & ~_umask())
+        yield stage
+        _settle(stage)
+        names = sorted(p.name for p in stage.iterdir())
+        late = [n for n in last if n in names]
+        for name in late:
+            (final / name).unlink(missing_ok=True)
+        _fsync_dir(final)
+        for name in [n for n in names if n not in late] + late:
+            os.replace(stage / name, final / name)
+        _fsync_dir(final)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        _remove_empty(created)
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
 
 
 def _sha256(path: Path) -> str:

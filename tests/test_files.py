@@ -14,6 +14,7 @@ from ssl_vit.files import (
     MANIFEST,
     atomic_dir,
     atomic_write_text,
+    merge_dir,
     remove_stale_temps,
     verify_manifest,
     write_manifest,
@@ -169,3 +170,95 @@ def test_atomic_dir_keep_existing_lets_the_first_writer_win(tmp_path):
             (b / "who").write_text("second")
     assert (final / "who").read_text() == "second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+# ---- merge_dir: files published into a folder that keeps its other files (make_shards) ------------------------
+def _user_folder(folder: Path) -> None:
+    """A folder someone else owns: a file of theirs, an old shard and the manifest that lists it."""
+    folder.mkdir(parents=True)
+    (folder / "keep.txt").write_text("mine")
+    (folder / "a.tar").write_bytes(b"old shard")
+    (folder / "manifest.json").write_text('{"shards": ["a.tar"]}')
+
+
+def test_merge_dir_publishes_into_an_existing_folder_manifest_last(tmp_path, monkeypatch, umask022):
+    """New files land beside the folder's own (a same-named one replaced); the old manifest goes before any file
+    moves and the new one comes after all of them; no staging folder is left; permissions follow the umask."""
+    import ssl_vit.files as files
+
+    final = tmp_path / "shards"
+    _user_folder(final)
+    moves: list[tuple[str, bool, set[str]]] = []  # (name moved, manifest present, files in place) per os.replace
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(dst).parent == final:
+            moves.append((Path(dst).name, (final / "manifest.json").exists(), {p.name for p in final.iterdir()}))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    with merge_dir(final, last=("manifest.json",)) as stage:
+        assert stage.parent == final and stage.name.startswith(".merge.tmp-")
+        (stage / "manifest.json").write_text('{"shards": ["a.tar", "b.tar"]}')
+        (stage / "a.tar").write_bytes(b"new shard")
+        fd = os.open(stage / "b.tar", os.O_WRONLY | os.O_CREAT, 0o600)  # a private file, as some writers make
+        os.write(fd, b"second shard")
+        os.close(fd)
+    assert [m[0] for m in moves] == ["a.tar", "b.tar", "manifest.json"]
+    assert not any(present for _, present, _ in moves)  # the old manifest left before the first move
+    assert {"a.tar", "b.tar"} <= moves[-1][2]  # every file was in place when the manifest came
+    assert sorted(p.name for p in final.iterdir()) == ["a.tar", "b.tar", "keep.txt", "manifest.json"]
+    assert (final / "keep.txt").read_text() == "mine" and (final / "a.tar").read_bytes() == b"new shard"
+    assert json.loads((final / "manifest.json").read_text()) == {"shards": ["a.tar", "b.tar"]}
+    assert stat.S_IMODE((final / "b.tar").stat().st_mode) == 0o644
+
+
+def test_merge_dir_crash_in_the_block_leaves_the_folder_as_it_was(tmp_path):
+    final = tmp_path / "shards"
+    _user_folder(final)
+    before = {p.name: p.read_bytes() for p in final.iterdir()}
+    with pytest.raises(KeyboardInterrupt):
+        with merge_dir(final) as stage:
+            (stage / "a.tar").write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert {p.name: p.read_bytes() for p in final.iterdir()} == before
+    # a folder it had to make (and its missing parents) goes again, a parent that was there stays
+    with pytest.raises(RuntimeError, match="boom"):
+        with merge_dir(tmp_path / "new" / "deep" / "out") as stage:
+            (stage / "x").write_text("x")
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shards"]
+
+
+def test_merge_dir_failing_half_way_through_publishing_leaves_no_stale_manifest(tmp_path, monkeypatch):
+    """A move that fails after the first: some shards changed, so the old manifest (which listed the old ones)
+    must not be left describing them; the staging folder is removed and the error propagates."""
+    import ssl_vit.files as files
+
+    final = tmp_path / "shards"
+    _user_folder(final)
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(Path(dst).name)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    with pytest.raises(OSError, match="No space"):
+        with merge_dir(final, last=("manifest.json",)) as stage:
+            for name in ("a.tar", "b.tar", "manifest.json"):
+                (stage / name).write_bytes(b"new")
+    assert calls == ["a.tar", "b.tar"]
+    assert sorted(p.name for p in final.iterdir()) == ["a.tar", "keep.txt"]  # a.tar changed: no stale manifest
+    assert (final / "a.tar").read_bytes() == b"new" and (final / "keep.txt").read_text() == "mine"
+
+
+def test_remove_stale_temps_clears_a_killed_merge(tmp_path):
+    final = tmp_path / "shards"
+    _user_folder(final)
+    (final / ".merge.tmp-dead").mkdir()
+    (final / ".merge.tmp-dead" / "a.tar").write_bytes(b"half")
+    assert [p.name for p in remove_stale_temps(final)] == [".merge.tmp-dead"]
+    assert sorted(p.name for p in final.iterdir()) == ["a.tar", "keep.txt", "manifest.json"]
