@@ -22,12 +22,12 @@ import ssl_vit
 from ssl_vit import IncompatibleBackbone, Objective, UnknownNameError, ViewSpec
 from ssl_vit.files import verify_manifest
 
-from . import checkpoint as ckpt
 from .checkpoint import load_objective_weights, read_state
 from .config import RunConfig, parse, read_yaml
 from .errors import LaunchError
 from .init_weights import load_init
 from .schedules import scaled_lr, warmup_steps
+from .strategy import make_strategy
 
 
 def pick_backbone_name(cfg: RunConfig) -> str:
@@ -103,16 +103,24 @@ def make_adamw(groups: list[dict], *, lr: float, betas: tuple[float, float], eps
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
-def make_accelerator(cfg: RunConfig):
-    """The Accelerator: bf16 on GPUs that have it under `mixed_precision: auto`, CPU processes over gloo."""
+def resolve_precision(cfg: RunConfig) -> str | None:
+    """train.mixed_precision with `auto` resolved: bf16 on GPUs that have it, else no; None: what `accelerate
+    launch --mixed_precision` / `accelerate config` chose (ACCELERATE_MIXED_PRECISION)."""
     mp: str | None = cfg.train.mixed_precision
     if mp == "auto":
         if os.environ.get("ACCELERATE_MIXED_PRECISION"):
-            mp = None  # what `accelerate launch --mixed_precision` / `accelerate config` chose
+            mp = None
         elif torch.cuda.is_available() and torch.cuda.is_bf16_supported():
             mp = "bf16"
         else:
             mp = "no"
+    return mp
+
+
+def make_accelerator(cfg: RunConfig):
+    """The Accelerator: bf16 on GPUs that have it under `mixed_precision: auto`, CPU processes over gloo.
+    Under `train.strategy: fsdp` it does no autocast: FSDP2's mixed precision policy casts (launch.strategy)."""
+    mp = resolve_precision(cfg) if cfg.train.strategy == "ddp" else "no"
     kwargs = DistributedDataParallelKwargs(find_unused_parameters=cfg.train.find_unused_parameters)
     # `accelerate launch --multi_gpu` on a machine without GPUs starts torchrun processes; accelerate only
     # joins them (gloo) when told it runs on the CPU, otherwise every process would train alone.
@@ -122,7 +130,11 @@ def make_accelerator(cfg: RunConfig):
     if sharded and not torch.cuda.is_available():
         # accelerate would stop deep inside with "no available devices"; say it in one line instead.
         raise LaunchError(f"{sharded[0]} needs GPUs (accelerate runs it on CUDA, XPU and similar devices); on a "
-                          f"CPU-only machine launch without --use_{sharded[0].lower()} (plain DDP over gloo)")
+                          f"CPU-only machine launch without --use_{sharded[0].lower()} (plain DDP over gloo"
+                          + (", or FSDP2 with --set train.strategy=fsdp)" if sharded[0] == "FSDP" else ")"))
+    if sharded and cfg.train.strategy == "fsdp":
+        raise LaunchError(f"train.strategy=fsdp shards the model itself (torch FSDP2); launch without "
+                          f"--use_{sharded[0].lower()} and without an accelerate config that enables it")
     return Accelerator(mixed_precision=mp, kwargs_handlers=[kwargs], cpu=cpu)
 
 
@@ -181,6 +193,7 @@ class Trainer:
     last_loss: float = float("nan")
     data_wait: float = 0.0  # share of the time spent waiting for data (the metrics hook keeps it)
     meter: Any = None  # launch.throughput.Throughput, made at the first step (FLOPs counted on its views)
+    strategy: Any = None  # launch.strategy.Strategy: DDP or FSDP2 (train.strategy)
 
     @property
     def total(self) -> int:
@@ -251,25 +264,24 @@ def build_trainer(plan: Any) -> Trainer:
     specs = scale_views(list(objective.view_specs()), cfg.data.view_size, backbone.size_multiple)
     check_views(specs, backbone, frames, cfg)
     o, t = cfg.optim, cfg.train
+    precision = resolve_precision(cfg) or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    strategy = make_strategy(cfg, accelerator, backbone, precision)
     global_batch = cfg.data.batch_size * accelerator.num_processes * o.grad_accum
     peak_lr = scaled_lr(o.lr, o.lr_scaling, global_batch, o.base_batch)
-    objective.to(accelerator.device)
-    optimizer = make_adamw(param_groups(objective, o.weight_decay), lr=peak_lr, betas=o.betas, eps=o.eps,
-                           fused=o.fused)
-    model = torch.compile(objective) if t.compile else objective
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = strategy.prepare(
+        objective, lambda m: make_adamw(param_groups(m, o.weight_decay), lr=peak_lr, betas=o.betas, eps=o.eps,
+                                        fused=o.fused), t.compile)
     scaler = accelerator.scaler if accelerator.mixed_precision == "fp16" else None
-    start = consumed = 0
+    stop = min(t.steps, t.stop_at) if t.stop_at else t.steps
+    trainer = Trainer(plan, cfg, accelerator, backbone, objective, model, optimizer, scaler, specs, frames, 0,
+                      stop, 0, peak_lr, warmup_steps(o.warmup, t.steps), strategy=strategy)
     if plan.resume is not None:
-        state = ckpt.load(plan.resume, objective=objective, optimizer=optimizer, scaler=scaler,
-                          rank=accelerator.process_index)
-        start, consumed = int(state["step"]), int(state["batches_consumed"])
-        objective.on_resume(start, t.steps)
+        state = strategy.load_checkpoint(trainer, plan.resume)
+        trainer.start, trainer.consumed = int(state["step"]), int(state["batches_consumed"])
+        objective.on_resume(trainer.start, t.steps)
         if state.get("num_workers") != cfg.data.num_workers or state.get("world_size") != accelerator.num_processes:
             accelerator.print("warning: resuming with another number of processes or data workers: the data "
                               "order differs from an uninterrupted run")
     else:
         torch.manual_seed(t.seed + 1_000_003 * accelerator.process_index)  # different views on every process
-    stop = min(t.steps, t.stop_at) if t.stop_at else t.steps
-    return Trainer(plan, cfg, accelerator, backbone, objective, model, optimizer, scaler, specs, frames, start,
-                   stop, consumed, peak_lr, warmup_steps(o.warmup, t.steps))
+    return trainer

@@ -8,6 +8,10 @@ A checkpoint is a folder `<out>/checkpoints/step_XXXXXXX/`:
 - `state.json`: step, run id, data position (batches consumed per process), schedule, names, world size;
 - `config.yaml`: the resolved config;
 - `checksums.json`: sha256 and size of each file above, written last (`ssl_vit.files`).
+Under `train.strategy: fsdp` the weights and the optimizer state are sharded: `sharded/` (SHARDED_DIR) replaces
+`objective.safetensors` and `optimizer.pt`, a `torch.distributed.checkpoint` folder where every process writes its
+own shards (`__<rank>_0.distcp`) and rank 0 the `.metadata`; the other files and the manifest (which lists the
+shards too) are the same, and `load_objective_weights` reads it back in one process for export and restore.
 It is written under a temporary name and renamed (`ssl_vit.files.atomic_dir`); `checkpoints/latest` (a
 one-line file, replaced atomically) names the newest one. A checkpoint holding a non-finite tensor is never
 written. Pruning keeps the newest `keep` checkpoints of the same run (by run id and step number).
@@ -15,17 +19,21 @@ written. Pruning keeps the newest `keep` checkpoints of the same run (by run id 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import secrets
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -38,6 +46,7 @@ from .export_backbone import state_for_safetensors
 
 LATEST = "latest"
 OBJECTIVE_FILE = "objective.safetensors"
+SHARDED_DIR = "sharded"  # FSDP runs: torch.distributed.checkpoint of {"model": ..., "optim": ...}
 
 
 # ---- RNG states as plain tensors (so torch.load(weights_only=True) reads them) ----------------
@@ -167,6 +176,11 @@ def check_compatible(state: Mapping[str, Any], cfg: Any, backbone: str, path: Pa
     if (state.get("backbone_args") or {}) != cfg.backbone_args:
         raise LaunchError(f"--resume {path} was trained with backbone_args {state.get('backbone_args')}, "
                           f"not {cfg.backbone_args}")
+    was = "fsdp" if (path / SHARDED_DIR).is_dir() else "ddp"
+    if was != cfg.train.strategy:
+        raise LaunchError(f"--resume {path} was written by a train.strategy={was} run; resume it with "
+                          f"--set train.strategy={was} (weights carry over between strategies only through --init "
+                          "from an export)")
     if state.get("total_steps") != cfg.train.steps:
         raise LaunchError(f"--resume {path}: that run schedules {state.get('total_steps')} steps, this one "
                           f"{cfg.train.steps}; pass --steps {state.get('total_steps')}")
@@ -192,12 +206,49 @@ def is_checkpoint(path: Path) -> bool:
     return any((path / name).is_file() for name in (OBJECTIVE_FILE, "state.json", MANIFEST))
 
 
-def load_objective_weights(objective: torch.nn.Module, path: Path) -> None:
-    """Load `path/objective.safetensors` into the objective, strictly; LaunchError when it does not fit."""
+def _sharded_metadata(path: Path) -> dict[str, Any]:
+    """{flat key: storage metadata} of a checkpoint's SHARDED_DIR ("model.<name>", "optim.state.<name>.<key>")."""
     try:
-        weights = load_file(str(path / OBJECTIVE_FILE))
-    except (OSError, SafetensorError) as err:
-        raise CorruptCheckpoint(f"checkpoint {path}: cannot read {OBJECTIVE_FILE}: {err}") from None
+        return dict(dcp.FileSystemReader(str(path / SHARDED_DIR)).read_metadata().state_dict_metadata)
+    except Exception as err:  # a damaged .metadata: one line, not torch's unpickler traceback
+        raise CorruptCheckpoint(f"checkpoint {path}: cannot read {SHARDED_DIR}/.metadata: "
+                                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+
+
+def read_sharded_weights(objective: torch.nn.Module, path: Path) -> dict[str, torch.Tensor]:
+    """The full (unsharded) tensors of a sharded checkpoint's model, read in this one process (no collective):
+    {name: tensor shaped like the objective's}; LaunchError naming missing / unexpected keys or a shape."""
+    saved = {k[len("model."):]: v for k, v in _sharded_metadata(path).items() if k.startswith("model.")}
+    own = objective.state_dict()
+    missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+    if missing or unexpected:
+        raise LaunchError(f"checkpoint {path} does not fit this model: missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}")
+    for name, meta in saved.items():
+        size = tuple(getattr(meta, "size", ()))  # tensors carry a size; other entries (bytes) have none
+        if size != tuple(own[name].shape):
+            raise LaunchError(f"checkpoint {path} does not fit this model: {name} is {list(size)} there, "
+                              f"{list(own[name].shape)} here")
+    weights = {k: torch.empty_like(v, device="cpu") for k, v in own.items()}
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({"model": weights}, checkpoint_id=str(path / SHARDED_DIR), no_dist=True)
+    except Exception as err:
+        raise CorruptCheckpoint(f"checkpoint {path}: cannot read {SHARDED_DIR}: {str(err).splitlines()[0]}") from None
+    return weights
+
+
+def load_objective_weights(objective: torch.nn.Module, path: Path) -> None:
+    """Load `path/objective.safetensors` (or the shards of an FSDP run, gathered in this process) into the
+    objective, strictly; LaunchError when it does not fit."""
+    if (path / SHARDED_DIR).is_dir():
+        weights = read_sharded_weights(objective, path)
+    else:
+        try:
+            weights = load_file(str(path / OBJECTIVE_FILE))
+        except (OSError, SafetensorError) as err:
+            raise CorruptCheckpoint(f"checkpoint {path}: cannot read {OBJECTIVE_FILE}: {err}") from None
     try:
         missing, unexpected = objective.load_state_dict(weights, strict=False)
     except RuntimeError as err:  # shape mismatch: another preset or other constructor arguments
@@ -206,7 +257,6 @@ def load_objective_weights(objective: torch.nn.Module, path: Path) -> None:
     if missing or unexpected:
         raise LaunchError(f"checkpoint {path} does not fit this model: missing {sorted(missing)[:3]}, "
                           f"unexpected {sorted(unexpected)[:3]}")
-
 
 
 # ---- writing and reading ------------------------------------------------------------------------
@@ -238,14 +288,44 @@ def save(out_dir: str | Path, *, step: int, objective: torch.nn.Module | Mapping
         save_file(tensors, str(tmp / "objective.safetensors"))
         if optimizer is not None:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        if scaler is not None:
-            torch.save(scaler.state_dict(), tmp / "scaler.pt")
-        torch.save({f"rank_{i}": s for i, s in enumerate(rng_states)}, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
-        dump(config, tmp / "config.yaml")
-        write_manifest(tmp)
+        _write_run_files(tmp, step=step, scaler=scaler, rng_states=rng_states, state=state, config=config)
     atomic_write_text(root / LATEST, name + "\n")
     prune(out_dir, run_id=state.get("run_id"), keep=keep)
+    return root / name
+
+
+def _write_run_files(tmp: Path, *, step: int, scaler, rng_states: list, state: dict[str, Any],
+                     config: Mapping[str, Any]) -> None:
+    """The files every checkpoint has besides the weights (scaler, RNGs, state.json, config.yaml), then the
+    manifest of everything in `tmp`."""
+    if scaler is not None:
+        torch.save(scaler.state_dict(), tmp / "scaler.pt")
+    torch.save({f"rank_{i}": s for i, s in enumerate(rng_states)}, tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1))
+    dump(config, tmp / "config.yaml")
+    write_manifest(tmp)
+
+
+def save_sharded(out_dir: str | Path, *, step: int, shards: Mapping[str, Any], rng_states: list,
+                 state: dict[str, Any], config: Mapping[str, Any], keep: int = 2) -> Path:
+    """FSDP: write `checkpoints/step_<step>` with `shards` ({"model": ..., "optim": ...} of sharded state dicts)
+    in SHARDED_DIR. A collective: every process calls it and writes its own shards into rank 0's temporary
+    folder (one file system for all nodes); rank 0 writes the rest and the manifest, renames the folder into
+    place, points `latest` at it and prunes, as `save` does. `rng_states` and `state` matter on rank 0 only."""
+    root = checkpoint_root(out_dir)
+    name = f"step_{step:07d}"
+    main = dist.get_rank() == 0
+    with atomic_dir(root / name) if main else contextlib.nullcontext() as tmp:
+        box = [str(tmp) if main else None]
+        dist.broadcast_object_list(box, src=0)
+        dcp.save(dict(shards), checkpoint_id=str(Path(box[0]) / SHARDED_DIR))
+        dist.barrier()  # every shard is written before rank 0 lists them in the manifest
+        if main:
+            _write_run_files(tmp, step=step, scaler=None, rng_states=rng_states, state=state, config=config)
+    if main:
+        atomic_write_text(root / LATEST, name + "\n")
+        prune(out_dir, run_id=state.get("run_id"), keep=keep)
+    dist.barrier()
     return root / name
 
 
@@ -280,6 +360,9 @@ def _load_pt(path: Path, name: str) -> Any:
 def load(path: Path, *, objective: torch.nn.Module, optimizer, scaler, rank: int) -> dict[str, Any]:
     """Restore a verified checkpoint into the (unwrapped) objective, optimizer, scaler and this process's RNG."""
     state = read_state(path)
+    if (path / SHARDED_DIR).is_dir():
+        raise LaunchError(f"checkpoint {path} holds the shards of a train.strategy=fsdp run; resume it with "
+                          "train.strategy=fsdp (or start a ddp run from its export with --init)")
     load_objective_weights(objective, path)
     if not (path / "optimizer.pt").is_file():
         raise LaunchError(f"checkpoint {path} holds no optimizer state (written under FSDP or DeepSpeed); "
@@ -287,13 +370,56 @@ def load(path: Path, *, objective: torch.nn.Module, optimizer, scaler, rank: int
     optimizer.load_state_dict(_load_pt(path, "optimizer.pt"))
     if scaler is not None and (path / "scaler.pt").is_file():
         scaler.load_state_dict(_load_pt(path, "scaler.pt"))
+    restore_rng(path, rank)
+    return state
+
+
+def load_sharded(path: Path, *, objective: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 rank: int) -> dict[str, Any]:
+    """FSDP: restore a verified sharded checkpoint into the sharded objective and its optimizer (a collective:
+    every process reads the shards it holds, whatever the saving processes held) and this process's RNG.
+    The optimizer keeps state only for the parameters that had it when saved (torch's state-dict helpers
+    give every parameter a zero state first; a parameter that had no gradient yet, e.g. DINO's frozen last
+    layer, must start its Adam moments and step count when it gets one, as in an uninterrupted run)."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = read_state(path)
+    if not (path / SHARDED_DIR).is_dir():
+        raise LaunchError(f"checkpoint {path} was written by a train.strategy=ddp run; resume it with "
+                          "train.strategy=ddp (or start the fsdp run from its export with --init)")
+    metadata = _sharded_metadata(path)
+    folder = str(path / SHARDED_DIR)
+    model = get_model_state_dict(objective)
+    try:
+        dcp.load({"model": model}, checkpoint_id=folder)
+    except Exception as err:  # shapes or names that differ: another preset or other arguments
+        raise LaunchError(f"checkpoint {path} does not fit this model: {str(err).strip().splitlines()[-1]}") \
+            from None
+    set_model_state_dict(objective, model)
+    optim = get_optimizer_state_dict(objective, optimizer)
+    dcp.load({"optim": optim}, checkpoint_id=folder, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+    set_optimizer_state_dict(objective, optimizer, optim)
+    saved = {k[len("optim.state."):].rsplit(".", 1)[0] for k in metadata if k.startswith("optim.state.")}
+    for name, p in objective.named_parameters():
+        if name not in saved:
+            optimizer.state.pop(p, None)
+    restore_rng(path, rank)
+    return state
+
+
+def restore_rng(path: Path, rank: int) -> None:
+    """Set this process's RNG states from the checkpoint's rng.pt."""
     rngs = _load_pt(path, "rng.pt")
     key = f"rank_{rank}"
     if key not in rngs:
         raise LaunchError(f"checkpoint {path} was written by {len(rngs)} processes; rank {rank} has no RNG state "
                           "(resume with the same number of processes)")
     set_rng_state(rngs[key])
-    return state
 
 
 def remove_run(out_dir: str | Path) -> None:

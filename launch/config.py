@@ -357,6 +357,7 @@ class TrainConfig:
     seed: int = key(int, min=0)
     max_bad_steps: int = key(int, min=1)
     mixed_precision: str = key(str, choices=("auto", "no", "fp16", "bf16"))
+    strategy: str = key(str, choices=("ddp", "fsdp"))
     compile: bool = key(bool)
     activation_checkpointing: bool = key(bool)
     find_unused_parameters: bool = key(bool)

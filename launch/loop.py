@@ -45,10 +45,10 @@ def clip_gradients(trainer: Trainer) -> torch.Tensor:
     params = [p for p in trainer.objective.parameters() if p.grad is not None]
     if trainer.scaler is not None:
         trainer.accelerator.unscale_gradients()
-    grads = [p.grad for p in params]
+    grads = trainer.strategy.local([p.grad for p in params])  # FSDP: this process's shards, clipped in place
     if not grads:
         return torch.zeros(())
-    norms = torch._foreach_norm(grads)
+    norms = trainer.strategy.global_norms(torch._foreach_norm(grads))
     total = torch.linalg.vector_norm(torch.stack(norms).float())
     if o.clip_grad and o.clip_mode == "per_param":  # DINO's utils.clip_gradients: each parameter on its own
         torch._foreach_mul_(grads, [(o.clip_grad / (n + 1e-6)).clamp(max=1.0) for n in norms])
@@ -61,8 +61,11 @@ def make_meter(trainer: Trainer, views: list[torch.Tensor], labels: torch.Tensor
     """The run's throughput meter: FLOPs of one optimizer step counted once on the first views (on a copy of
     the objective under DDP, whose gradient hooks must only see real steps), and the device's peak."""
     acc = trainer.accelerator
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(acc.mixed_precision), torch.float32)
-    objective = copy.deepcopy(trainer.objective) if trainer.world > 1 else trainer.objective
+    dtype = trainer.strategy.compute_dtype
+    # FSDP: on the sharded objective itself (every process counts, so the collectives match; the count puts
+    # gradients and buffers back)
+    objective = copy.deepcopy(trainer.objective) if trainer.world > 1 and trainer.strategy.replicated \
+        else trainer.objective
     try:
         with acc.autocast():
             flops = count_step_flops(objective, views, labels) * trainer.cfg.optim.grad_accum
@@ -99,10 +102,10 @@ def train_step(trainer: Trainer, step: int) -> StepResult:
             c0 = time.perf_counter()
             trainer.meter = make_meter(trainer, views, labels)
             t0 += time.perf_counter() - c0  # counting is not training time
-        sync = contextlib.nullcontext() if micro == accum - 1 else acc.no_sync(trainer.model)
-        with sync, acc.autocast():
-            loss = trainer.model(views, labels=labels) if labels is not None else trainer.model(views)
+        sync = contextlib.nullcontext() if micro == accum - 1 else trainer.strategy.no_sync(trainer.model)
         with sync:
+            with acc.autocast():
+                loss = trainer.model(views, labels=labels) if labels is not None else trainer.model(views)
             acc.backward(loss / accum)
         loss_sum += loss.detach().float() / accum
     grad_norm = clip_gradients(trainer)
@@ -202,14 +205,15 @@ def finish(trainer: Trainer) -> dict[str, Any]:
     """Export the backbone (finite weights only) and print where everything is."""
     plan, cfg, data_wait = trainer.plan, trainer.cfg, trainer.data_wait
     export_dir = plan.out / "export"
-    bad = first_non_finite(trainer.objective.export_backbone())
+    backbone = trainer.strategy.export_module(trainer.objective)  # FSDP: gathered on the main process
+    bad = trainer.strategy.agree(first_non_finite(backbone) if backbone is not None else None)
     if bad is not None:
         raise DivergedError(f"weight {bad} of the backbone is not finite: no export written; {CAUSES}")
     # also when resuming a finished run whose export was interrupted or damaged: the checkpoint rebuilds it
     if trainer.main and (trainer.start < trainer.stop or not export_intact(export_dir)):
         # registry_name None: the module's own recipe (create_backbone's name and overrides, plus what the
         # objective changed, e.g. MAE's pool="mean") rebuilds it
-        export_backbone(trainer.objective.export_backbone(), export_dir, registry_name=None, overrides=None,
+        export_backbone(backbone, export_dir, registry_name=None, overrides=None,
                         objective=cfg.objective, step=trainer.stop, config=cfg.as_dict())
     trainer.accelerator.wait_for_everyone()
     summary = {"steps": trainer.stop, "total_steps": trainer.total, "loss": trainer.last_loss,

@@ -45,7 +45,9 @@ FAST_PRESETS = {"vit_tiny", "simple_vit_tiny", "cvt_tiny", "max_vit_tiny", "vit_
 FAST_FILES = {"test_losses_reconstruction.py", "test_dino_esvit_distill.py", "test_masking.py", "test_layers.py",
               "test_files.py", "test_launch_config.py", "test_registry.py"}
 SWEEP_FILES = {"test_backbone_conformance.py", "test_objective_matrix.py"}
-FAST_TESTS = {"test_launch_run.py::test_resume_repeats_the_per_step_losses"}
+FAST_TESTS = {"test_launch_run.py::test_resume_repeats_the_per_step_losses",
+              "test_launch_fsdp.py::test_fsdp_refuses_in_one_line",
+              "test_launch_fsdp.py::test_accelerate_configs_parse"}
 
 
 def _is_fast(item: pytest.Item) -> bool:

@@ -14,6 +14,9 @@ from launch.hooks import StepResult
 from launch.hooks.collapse import CollapseMonitor
 from launch.hooks.guard import NonFiniteGuard
 from launch.loop import clip_gradients
+from launch.strategy import Strategy
+
+DDP = Strategy(SimpleNamespace(mixed_precision="no"))  # the replicated strategy, as one process runs it
 
 
 class Log:
@@ -30,7 +33,7 @@ def trainer(level: float | None = None, *, max_bad: int = 3, metrics: dict | Non
     objective.collapse_loss = lambda: level
     train = SimpleNamespace(max_bad_steps=max_bad, steps=1000, log_every=1000, checkpoint_every=1000)
     return SimpleNamespace(cfg=SimpleNamespace(train=train), objective=objective, log=Log(), stop=1000,
-                           last_checkpoint=None)
+                           last_checkpoint=None, strategy=DDP)
 
 
 def result(step: int, loss: float, skipped: bool = False) -> StepResult:
@@ -92,7 +95,7 @@ def test_clipping_follows_its_formula(mode):
         p.grad = torch.randn_like(p) * 10
     before = [p.grad.clone() for p in model.parameters()]
     optim = SimpleNamespace(clip_grad=1.0, clip_mode=mode)
-    t = SimpleNamespace(cfg=SimpleNamespace(optim=optim), objective=model, scaler=None)
+    t = SimpleNamespace(cfg=SimpleNamespace(optim=optim), objective=model, scaler=None, strategy=DDP)
     total = clip_gradients(t)
     assert torch.isclose(total, torch.linalg.vector_norm(torch.stack([g.norm() for g in before])))
     for g, p in zip(before, model.parameters()):

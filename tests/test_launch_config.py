@@ -102,6 +102,7 @@ def test_typed_config_has_exactly_the_default_keys():
     ("data.std=[0,0,0]", "data.std"), ("data.mean=[0.5]", "data.mean"), ("train.steps=2.5", "train.steps"),
     ("optim.lr_scaling=cubic", "linear | sqrt | none"), ("data.resampled=3", "true or false"),
     ("train.stop_at=99999999", "past train.steps"), ("optim.lr=.inf", "optim.lr"),
+    ("train.strategy=zero3", "ddp | fsdp"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(item, expect):
     from launch.config import parse

@@ -12,21 +12,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
-
 from ..errors import DivergedError
+from ..strategy import first_non_finite
 from .base import Hook, StepResult, due
+
+__all__ = ["CAUSES", "NonFiniteGuard", "first_non_finite"]
 
 CAUSES = ("likely causes: a learning rate too high for this batch (optim.lr, optim.warmup), no or too loose "
           "gradient clipping (optim.clip_grad), fp16 overflow (train.mixed_precision=bf16 or no), or bad inputs")
-
-
-def first_non_finite(module: torch.nn.Module) -> str | None:
-    """The name of the first parameter or floating buffer holding NaN or inf, or None."""
-    for name, t in [*module.named_parameters(), *module.named_buffers()]:
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return name
-    return None
 
 
 class NonFiniteGuard(Hook):
@@ -49,7 +42,7 @@ class NonFiniteGuard(Hook):
             self.in_a_row = 0
         if due(result.done, trainer.cfg.train.log_every, trainer.stop) or due(
                 result.done, trainer.cfg.train.checkpoint_every, trainer.stop):
-            bad = first_non_finite(trainer.objective)
+            bad = trainer.strategy.first_non_finite(trainer.objective)
             if bad is not None:
                 raise DivergedError(f"diverged: weight {bad} is not finite at step {result.done}; {CAUSES}; last "
                                     f"good checkpoint: {trainer.last_checkpoint or 'none'}")

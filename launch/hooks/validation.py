@@ -41,8 +41,11 @@ def validation_loss(trainer: Any) -> float:
     objective.eval()
     with torch.random.fork_rng(devices=_devices(trainer)), torch.no_grad():
         torch.manual_seed(1234 + acc.process_index)
-        for i, batch in enumerate(loader):
-            if i >= trainer.cfg.train.val_batches:
+        batches = iter(loader)
+        for _ in range(trainer.cfg.train.val_batches):
+            batch = next(batches, None)
+            # FSDP: every forward all-gathers with every process, so all stop at the first one that runs out
+            if not trainer.strategy.all_true(batch is not None):
                 break
             views = make_views(batch["image"].to(acc.device), trainer.specs, normalize=trainer.norm,
                                boxes=batch["box"].to(acc.device))
@@ -52,6 +55,7 @@ def validation_loss(trainer: Any) -> float:
             n = float(len(batch["key"]))
             total += torch.stack([loss.float() * n, torch.tensor(n, device=acc.device)])
     objective.train()
+    trainer.strategy.after_eval()
     total = acc.reduce(total, reduction="sum")
     return float(total[0] / total[1].clamp_min(1))
 
