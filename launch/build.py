@@ -23,7 +23,7 @@ from ssl_vit import IncompatibleBackbone, Objective, UnknownNameError, ViewSpec
 from ssl_vit.files import verify_manifest
 
 from .checkpoint import load_objective_weights, read_state
-from .config import RunConfig, parse, read_yaml
+from .config import RunConfig, parse_stored, read_yaml
 from .errors import LaunchError
 from .init_weights import load_init
 from .schedules import scaled_lr, warmup_steps
@@ -155,10 +155,10 @@ class Restored:
 
 def restore(path: str | Path) -> Restored:
     """The objective of a checkpoint folder, checksums verified first (ssl_vit.CorruptCheckpoint names the
-    damaged file). Nothing of the folder is executed: its config is data, validated by `config.parse`."""
+    damaged file). Nothing of the folder is executed: its config is data, validated by `config.parse_stored`."""
     path = Path(path)
     verify_manifest(path, what="checkpoint")
-    cfg = parse(read_yaml(path / "config.yaml"))
+    cfg = parse_stored(read_yaml(path / "config.yaml"), str(path / "config.yaml"))
     state = read_state(path)
     _, objective = build_objective(cfg)
     load_objective_weights(objective, path)

@@ -416,6 +416,15 @@ def _build(cls: type, tree: Mapping[str, Any], prefix: str) -> Any:
     return cls(**values)
 
 
+def parse_stored(tree: Mapping[str, Any], source: str) -> RunConfig:
+    """A config read back from a checkpoint or export folder (`source` names it in errors): keys that
+    configs/defaults.yaml gained after the folder was written take their defaults, so older runs stay
+    readable; a key the defaults do not know is an error, as anywhere."""
+    defaults = read_yaml(CONFIG_DIR / "defaults.yaml")
+    check_keys(tree, defaults, source)
+    return parse(merge(defaults, tree))
+
+
 def parse(tree: Mapping[str, Any]) -> RunConfig:
     """Validate a resolved config tree (types, ranges, choices of every key) into a RunConfig; LaunchError
     naming the key, the value and what is allowed. --objective and --backbone are required."""

@@ -117,3 +117,17 @@ def test_objective_and_backbone_are_required():
 
     with pytest.raises(LaunchError, match="--backbone is required"):
         parse(resolve("mae", None, profile_hint=None)[0])
+
+
+def test_stored_config_missing_newer_keys_reads_with_defaults():
+    """A run folder written before a key existed stays readable (export, probe, pictures); unknown keys do not."""
+    from launch.config import CONFIG_DIR, parse_stored, read_yaml
+
+    tree = read_yaml(CONFIG_DIR / "defaults.yaml") | {"objective": "dino", "backbone": "vit"}
+    del tree["train"]["strategy"]
+    tree["optim"]["lr"] = 0.123
+    cfg = parse_stored(tree, "old/config.yaml")
+    assert cfg.train.strategy == "ddp" and cfg.optim.lr == 0.123
+    tree["train"]["no_such_key"] = 1
+    with pytest.raises(LaunchError, match="unknown config key 'train.no_such_key' in old/config.yaml"):
+        parse_stored(tree, "old/config.yaml")
