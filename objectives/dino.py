@@ -4,9 +4,10 @@ Self-Supervised Vision Transformers", arXiv:2104.14294).
 A student (backbone + DINO head) sees two global crops and N local crops (10 by default); a teacher
 (an EMA copy of both, no gradients) sees the two global crops. The student's softmax over K
 prototypes (temperature 0.1) is trained to match the teacher's centred, sharpened softmax
-(temperature 0.04) for every pair of different views. The centre is an EMA (momentum 0.9) of the
-teacher's mean output, the teacher momentum follows a cosine schedule m0 -> 1 (m0 = 0.996 for runs of
-2500 steps or more, lower for shorter runs: `objectives.ema.run_scaled_momentum`), and the prototype
+(temperature 0.04) for every pair of different views. The centre is an EMA (momentum 0.9, started at
+the first batch's mean) of the teacher's mean output, the teacher momentum follows a cosine schedule
+m0 -> 1 (m0 = 0.996 for runs of 2500 steps or more, lower for shorter runs:
+`objectives.ema.run_scaled_momentum`, with the centre's momentum lowered alike), and the prototype
 layer is frozen for the first 1 % of the steps (DINO's first epoch of 100).
 
 Crops of the same size go through the backbone in one batch (one pass for the globals, one for the
@@ -27,7 +28,14 @@ from torch import nn
 
 from ssl_vit import Backbone, BackboneOutput, Objective, ViewSpec, register_objective
 
-from .ema import cosine_schedule, ema_update_, frozen_copy, linear_warmup, run_scaled_momentum
+from .ema import (
+    cosine_schedule,
+    ema_update_,
+    frozen_copy,
+    linear_warmup,
+    run_scaled_center_momentum,
+    run_scaled_momentum,
+)
 from .heads import DINOHead
 from .views import make_views
 
@@ -61,10 +69,14 @@ def dino_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, center
 
 
 @torch.no_grad()
-def update_center_(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float) -> None:
+def update_center_(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float,
+                   started: torch.Tensor | None = None) -> None:
     """center <- m * center + (1 - m) * mean teacher output, averaged over every process.
 
-    center (K,); teacher_logits (..., K).
+    center (K,); teacher_logits (..., K). `started` (0-d bool buffer), when given: while it is False the
+    centre becomes the batch mean itself, and it is set. DINO starts its EMA at zero, a bias that fades
+    over ~1 / (1 - m) steps (10 at 0.9): nothing in a 125 k-step run, the first 15 % of a 68-step one.
+    No device sync either way.
     """
     flat = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1]).float()
     batch_center = flat.sum(0)
@@ -72,7 +84,12 @@ def update_center_(center: torch.Tensor, teacher_logits: torch.Tensor, momentum:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(batch_center)
         count *= dist.get_world_size()
-    center.mul_(momentum).add_(batch_center / count, alpha=1.0 - momentum)
+    mean = batch_center / count
+    if started is None:
+        center.mul_(momentum).add_(mean, alpha=1.0 - momentum)
+        return
+    center.copy_(torch.where(started, momentum * center + (1.0 - momentum) * mean, mean))
+    started.fill_(True)
 
 
 @torch.no_grad()
@@ -94,6 +111,13 @@ def teacher_collapse_stats(teacher_logits: torch.Tensor, center: torch.Tensor, t
     q_bar = q.mean(0)
     kl = (q_bar * (q_bar.clamp_min(1e-30).log() + math.log(k))).sum()
     return torch.stack([entropy, kl])
+
+
+def _started_centres_of_older_checkpoints(module: nn.Module, state_dict: dict, prefix: str, *_args) -> None:
+    """A state dict written before the `*_started` flags of the centres existed holds centres that are running."""
+    for name, buffer in module.named_buffers(recurse=False):
+        if name.endswith("center_started") and prefix + name not in state_dict:
+            state_dict[prefix + name] = torch.ones_like(buffer)
 
 
 def scaled_size(size: Sequence[int], numerator: int, denominator: int, multiple: int) -> tuple[int, ...]:
@@ -169,6 +193,9 @@ class Dino(Objective):
       The teacher is what gets exported, and a teacher left near its random initialisation gives the
       random network's targets: on images whose random features barely differ (grey digits: the
       per-image part is ~10 % of the pooled feature) centring turns those into uniform ones.
+    - centre momentum: `center_moving_average_decay` (0.9) while the teacher keeps 0.996; lowered with
+      the teacher so that the centre stays 25x faster than it, as in DINO (`center_momentum_at`): a
+      centre slower than the teacher sends every image to one prototype.
     - teacher temperature: 0.04 throughout, the reference code's default (`--teacher_temp 0.04`,
       no warm-up); DINO's longer ViT-S runs warm up to 0.07 over 30 % of training
       (`teacher_temp_final=0.07`).
@@ -249,17 +276,19 @@ class Dino(Objective):
                                projection_layers - 1, norm_last_layer)
         self.teacher = frozen_copy(nn.ModuleDict(self.student_modules()))
         self.register_buffer("center", torch.zeros(num_classes_K))
+        self.register_buffer("center_started", torch.zeros((), dtype=torch.bool))
 
         self.student_temp = student_temp
         self.teacher_temp_start, self.teacher_temp_final = teacher_temp, teacher_temp_final
         self.warmup_teacher_temp_steps = warmup_teacher_temp_steps
         self.base_momentum, self.final_momentum = moving_average_decay, final_momentum
         self.ema_time_fraction = ema_time_fraction
-        self.center_momentum = center_moving_average_decay
+        self.base_center_momentum = self.center_momentum = center_moving_average_decay
         self.freeze_last_layer_steps = freeze_last_layer_steps
         # schedule state: a buffer so checkpoints resume it, mirrored in Python to avoid device syncs
         self.register_buffer("next_step", torch.zeros((), dtype=torch.long))
         self.register_load_state_dict_post_hook(lambda module, _keys: module._sync_schedule())
+        self.register_load_state_dict_pre_hook(_started_centres_of_older_checkpoints)
         self.momentum = moving_average_decay
         self.teacher_temp = teacher_temp
         self._next_step = 0
@@ -322,7 +351,7 @@ class Dino(Objective):
         loss = dino_loss(s_logits, t_logits, self.center, self.student_temp, self.teacher_temp)
         metrics = self.collapse_metrics(t_logits, self.center)
         if self.training:
-            update_center_(self.center, t_logits, self.center_momentum)
+            update_center_(self.center, t_logits, self.center_momentum, self.center_started)
         return loss, metrics
 
     def collapse_metrics(self, t_logits: torch.Tensor, center: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -362,6 +391,7 @@ class Dino(Objective):
         self.next_step.fill_(int(step))
         self.teacher_temp = self.teacher_temp_at(step, total_steps)
         self.momentum = self.momentum_at(max(step - 1, 0), total_steps)
+        self.center_momentum = self.center_momentum_at(total_steps)
 
     def teacher_temp_at(self, step: int, total_steps: int) -> float:
         warmup = self.warmup_teacher_temp_steps
@@ -373,6 +403,14 @@ class Dino(Objective):
         start = run_scaled_momentum(self.base_momentum, total_steps, self.ema_time_fraction)
         return cosine_schedule(step, total_steps, start, self.final_momentum)
 
+    def center_momentum_at(self, total_steps: int, base: float | None = None) -> float:
+        """The centre momentum of a run of `total_steps` (`base`: the unscaled one, default
+        `center_moving_average_decay`): as fast relative to the teacher as DINO's
+        (`run_scaled_center_momentum`)."""
+        start = run_scaled_momentum(self.base_momentum, total_steps, self.ema_time_fraction)
+        base = self.base_center_momentum if base is None else base
+        return run_scaled_center_momentum(base, self.base_momentum, start)
+
     def update_moving_average(self) -> None:
         """One EMA step of the teacher (backbone and heads) at the current momentum (seed name)."""
         ema_update_(self.teacher, nn.ModuleDict(self.student_modules()), self.momentum)
@@ -380,6 +418,7 @@ class Dino(Objective):
     def on_step_end(self, step: int, total_steps: int) -> None:
         """Teacher EMA at the cosine momentum of `step`; teacher temperature for the next step."""
         self.momentum = self.momentum_at(step, total_steps)
+        self.center_momentum = self.center_momentum_at(total_steps)
         self.update_moving_average()
         self._next_step = step + 1
         self.next_step.fill_(step + 1)

@@ -52,6 +52,22 @@ def run_scaled_momentum(base: float, total_steps: int, time_fraction: float | No
     return float(min(base, max(0.0, 1.0 - 1.0 / (time_fraction * total_steps))))
 
 
+def run_scaled_center_momentum(center_base: float, teacher_base: float, teacher_start: float) -> float:
+    """A centre momentum whose EMA time constant keeps its ratio to the teacher's: `center_base` when the
+    teacher starts at `teacher_base`, faster when `run_scaled_momentum` made the teacher faster (0 at most).
+
+    DINO's centre (0.9, 10 steps) is 25 times faster than its teacher (0.996, 250 steps), so the centre
+    follows every change of the teacher's outputs. Lowering the teacher's momentum alone for a short run
+    inverts that: at 68 steps the teacher's time constant is 6.8 steps against the centre's 10, the
+    centre lags, and the targets of every image go to the one prototype the teacher drifts towards
+    (measured: KL of the mean target to uniform = ln K by step 12). (1 - m_c) = (1 - c0)(1 - m_t)/(1 - m_t0).
+    """
+    if teacher_base >= 1.0:
+        return float(center_base)
+    rate = (1.0 - center_base) * (1.0 - teacher_start) / (1.0 - teacher_base)
+    return float(max(0.0, 1.0 - rate))
+
+
 def frozen_copy(module: nn.Module) -> nn.Module:
     """A deep copy with no gradients, kept in eval mode (no dropout or drop path in the teacher)."""
     teacher = copy.deepcopy(module)

@@ -72,6 +72,7 @@ class EsViTTrainer(Dino):
         self.region_head = DINOHead(dim, k, hidden, bottleneck, nlayers=nlayers, norm_last_layer=norm_last,
                                     init_std=self.head_init_std)
         self.register_buffer("region_center", torch.zeros(k))
+        self.register_buffer("region_center_started", torch.zeros((), dtype=torch.bool))
 
     def student_modules(self):
         return {**super().student_modules(), "region_head": self.region_head}
@@ -86,10 +87,10 @@ class EsViTTrainer(Dino):
         metrics = self.collapse_metrics(t_logits, self.center)  # the view-level targets
         region_loss, t_proj = self.region_loss(student, teacher, batch)
         if self.training:
-            update_center_(self.center, t_logits, self.center_momentum)
+            update_center_(self.center, t_logits, self.center_momentum, self.center_started)
             with torch.no_grad():  # the last layer is linear: the mean of the logits is the logits of the mean
                 mean_logits = self.teacher["region_head"].last_layer(t_proj.flatten(0, -2).mean(0, keepdim=True))
-            update_center_(self.region_center, mean_logits, self.center_momentum)
+            update_center_(self.region_center, mean_logits, self.center_momentum, self.region_center_started)
         loss = 0.5 * view_loss + 0.5 * region_loss
         return loss, {"view_loss": view_loss.detach(), "region_loss": region_loss.detach(), **metrics}
 

@@ -207,15 +207,22 @@ def ibot_block_masks(ratios: torch.Tensor, grid: Sequence[int], *, min_cells: in
 
 
 @torch.no_grad()
-def update_mean_center_(center: torch.Tensor, rows: torch.Tensor, momentum: float) -> None:
+def update_mean_center_(center: torch.Tensor, rows: torch.Tensor, momentum: float,
+                        started: torch.Tensor | None = None) -> None:
     """center <- m * center + (1 - m) * mean of rows (M, K) over every process; unchanged when no process
-    has a row (the masked-token centre of a batch without masks)."""
+    has a row (the masked-token centre of a batch without masks). `started` (0-d bool): while False, the first
+    batch with rows sets the centre to its mean and sets the flag (as `objectives.dino.update_center_`)."""
     flat = rows.detach().reshape(-1, rows.shape[-1]).float()
     stats = torch.cat([flat.sum(0), flat.new_tensor([float(flat.shape[0])])])
     stats = _all_reduce(stats)
     count = stats[-1]
     mean = stats[:-1] / count.clamp_min(1.0)
-    center.copy_(torch.where(count > 0, momentum * center + (1.0 - momentum) * mean, center))
+    if started is None:
+        center.copy_(torch.where(count > 0, momentum * center + (1.0 - momentum) * mean, center))
+        return
+    updated = torch.where(started, momentum * center + (1.0 - momentum) * mean, mean)
+    center.copy_(torch.where(count > 0, updated, center))
+    started.logical_or_(count > 0)
 
 
 # ---- the objective -------------------------------------------------------------------------------------
@@ -269,6 +276,7 @@ class IBOT(Dino):
         self.teacher_patch_temp = teacher_patch_temp
         self.cls_loss_weight, self.patch_loss_weight = cls_loss_weight, patch_loss_weight
         self.patch_center_momentum, self.patch_center_over = patch_center_momentum, patch_center_over
+        self.base_patch_center_momentum = patch_center_momentum
         self.mask_probability, self.pred_ratio, self.pred_ratio_var = mask_probability, pred_ratio, pred_ratio_var
         ibot_mask_ratios(1, pred_ratio, pred_ratio_var, mask_probability, mask_sampling)  # validate the range
         self.mask_sampling, self.min_block_cells = mask_sampling, min_block_cells
@@ -284,6 +292,7 @@ class IBOT(Dino):
             self.patch_head = DINOHead(dim, self.num_patch_prototypes, hidden, bottleneck, nlayers=nlayers,
                                        norm_last_layer=norm_last, init_std=self.head_init_std)
         self.register_buffer("patch_center", torch.zeros(self.num_patch_prototypes))
+        self.register_buffer("patch_center_started", torch.zeros((), dtype=torch.bool))
 
     def student_modules(self) -> dict[str, nn.Module]:
         mods = super().student_modules()
@@ -370,10 +379,10 @@ class IBOT(Dino):
         metrics.update(teacher_entropy=entropy, kl_to_uniform=kl)
         if self.training and self.centering == "ema":
             with torch.no_grad():
-                update_mean_center_(self.center, t_logits, self.center_momentum)
+                update_mean_center_(self.center, t_logits, self.center_momentum, self.center_started)
                 # the last layer is linear: the logits of each image's mean projection average its tokens
                 rows = t_head.last_layer(t_proj.mean(1)) if every else t_patch
-                update_mean_center_(self.patch_center, rows, self.patch_center_momentum)
+                update_mean_center_(self.patch_center, rows, self.patch_center_momentum, self.patch_center_started)
         return loss, metrics
 
     # ---- schedules ----------------------------------------------------------------------------------------
@@ -386,10 +395,12 @@ class IBOT(Dino):
     def on_step_end(self, step: int, total_steps: int) -> None:
         super().on_step_end(step, total_steps)
         self.teacher_patch_temp = self.teacher_patch_temp_at(step + 1, total_steps)
+        self.patch_center_momentum = self.center_momentum_at(total_steps, self.base_patch_center_momentum)
 
     def on_resume(self, step: int, total_steps: int) -> None:
         super().on_resume(step, total_steps)
         self.teacher_patch_temp = self.teacher_patch_temp_at(step, total_steps)
+        self.patch_center_momentum = self.center_momentum_at(total_steps, self.base_patch_center_momentum)
 
 
 register_objective("ibot", IBOT)

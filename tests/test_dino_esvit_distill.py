@@ -181,7 +181,12 @@ def test_center_update_and_teacher_has_no_grads():
     with torch.no_grad():
         t = d.teacher["head"](d.teacher_backbone.forward_features(torch.cat(views[:2])).pooled)
     loss = d(views)
-    torch.testing.assert_close(d.center, 0.1 * t.mean(0), rtol=1e-5, atol=1e-6)
+    # the first update starts the EMA at the batch mean (not DINO's zero), the next ones are the EMA
+    torch.testing.assert_close(d.center, t.mean(0), rtol=1e-5, atol=1e-6)
+    assert bool(d.center_started)
+    first = d.center.clone()
+    d(views).detach()
+    torch.testing.assert_close(d.center, 0.9 * first + 0.1 * t.mean(0), rtol=1e-5, atol=1e-6)
     loss.backward()
     assert all(p.grad is None for p in d.teacher.parameters())
     assert any(p.grad is not None for p in d.backbone.parameters())
@@ -305,7 +310,7 @@ def test_esvit_region_center_update():
     with torch.no_grad():
         t = e.teacher["region_head"](e.teacher_backbone.forward_features(torch.cat(views[:2])).patch_tokens)
     e(views)
-    torch.testing.assert_close(e.region_center, 0.1 * t.flatten(0, 1).mean(0), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(e.region_center, t.flatten(0, 1).mean(0), rtol=1e-4, atol=1e-6)  # the first update: the mean
     assert set(e.metrics) >= {"loss", "view_loss", "region_loss"}
 
 
@@ -439,3 +444,30 @@ def test_weight_decay_groups_follow_dino():
     assert all(n.endswith(".bias") or names[n].ndim <= 1 for n in skip)
     e = EsViTTrainer(tiny_vit(), **TINY)
     assert e.no_weight_decay() == {n for n, p in e.named_parameters() if p.ndim <= 1 or n.endswith(".bias")}
+
+
+def test_center_keeps_dinos_speed_relative_to_a_run_scaled_teacher():
+    """DINO's centre is 25x faster than its teacher (time constants 10 and 250 steps); a short run that
+    speeds the teacher up speeds the centre up alike, down to 0 (the batch mean), never slower than it."""
+    d = Dino(tiny_vit(), **TINY)
+    assert d.center_momentum_at(125_000) == pytest.approx(0.9)      # DINO's own run: its own values
+    assert d.center_momentum_at(2_500) == pytest.approx(0.9)
+    assert d.center_momentum_at(1_000) == pytest.approx(0.75)       # teacher 0.99: 100 steps; centre 4
+    assert d.center_momentum_at(68) == 0.0
+    for steps in (68, 300, 1_000, 2_500, 10_000):
+        teacher = 1 / (1 - d.momentum_at(0, steps))
+        centre = 1 / (1 - d.center_momentum_at(steps))
+        assert centre <= teacher / 25 + 1e-6 or d.center_momentum_at(steps) == 0.0
+    fixed = Dino(tiny_vit(), **TINY, ema_time_fraction=None)
+    assert fixed.center_momentum_at(68) == pytest.approx(0.9)
+    d.on_step_end(0, 68)
+    assert d.center_momentum == 0.0
+    d.on_resume(10, 1_000)
+    assert d.center_momentum == pytest.approx(0.75)
+
+
+def test_state_dict_without_center_flags_loads_as_started():
+    d = Dino(tiny_vit(), **TINY)
+    state = {k: v for k, v in d.state_dict().items() if not k.endswith("center_started")}
+    d.load_state_dict(state)
+    assert bool(d.center_started)
