@@ -15,9 +15,9 @@ Data (benchmarks.quality_data): the embedded digits at 32 px and crops of the co
 ship with scikit-image and scikit-learn, labelled by source photograph, with spatially disjoint
 held-out crops.
 
-Targets (per data set, at the default 300 s): the DINO family (DINO, EsViT, iBOT, DINOv2) at most 0.5x the probe error of random
-init and below raw pixels' probe error, k-NN error at most 0.6x random init's; MAE, SimMIM, MPP and
-MP3 at most 0.8x random init's probe error. Each row prints PASS or MISS.
+Targets (per data set, at the default 300 s): the DINO family (DINO, EsViT, iBOT, DINOv2) at most 0.5x
+the probe error of random init and below raw pixels' probe error, k-NN error at most 0.6x random init's;
+MAE, SimMIM, MPP and MP3 at most 0.8x random init's probe error. Each row prints PASS or MISS.
 
 `--peers`: lightly's DINO (timm ViT-Ti/4, `DINOTransform` sized for 32 px, `DINOProjectionHead`,
 `DINOLoss`, a plain loop as in lightly's example) and vit-pytorch's `Dino` (its ViT at the same
@@ -485,8 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(format_table(rows))
     print("gain / k-gain: top-1 points over the same backbone at random init; p-err x / k-err x: probe / k-NN "
-          "error over random init's. Targets: dino, esvit, ibot, dinov2 (and the peers) p-err x <= 0.5, below raw pixels' probe "
-          "error, k-err x <= 0.6; mae, simmim, mpp, mp3 p-err x <= 0.8.")
+          "error over random init's. Targets: dino, esvit, ibot, dinov2 (and the peers) p-err x <= 0.5, below raw "
+          "pixels' probe error, k-err x <= 0.6; mae, simmim, mpp, mp3 p-err x <= 0.8.")
     return 0
 
 

@@ -183,7 +183,9 @@ class Dino(Objective):
     (0.05, `local_upper_crop_scale`). `hidden_layer` is accepted and ignored: features come from
     `forward_features(...).pooled`. `augment_fn`/`augment_fn2`, if given, are applied to the batch
     before the crops of global view 1 (and the local crops) / global view 2, on top of DINO's recipe.
-    `photometric_augment=False` keeps the crops and flips only; `head_init_std` see `DINOHead.init_std`.
+    `photometric_augment=False` keeps the crops and flips only; `head_init_std` see `DINOHead.init_std`;
+    `use_bn_in_head` batch norm in the head's MLP (DINO's `--use_bn_in_head`; the teacher's use batch
+    statistics while training, as DINO's).
 
     Schedules are functions of (step, total_steps), so one recipe serves a 68-step run and a
     125 k-step one:
@@ -239,6 +241,7 @@ class Dino(Objective):
         freeze_last_layer_steps: int | None = None,
         head_init_std: float | None = 0.02,
         photometric_augment: bool = True,
+        use_bn_in_head: bool = False,
     ) -> None:
         super().__init__(net)
         if projection_layers < 2:
@@ -265,13 +268,15 @@ class Dino(Objective):
         self.augment_fn, self.augment_fn2 = augment_fn, augment_fn2
         self.photometric_augment = photometric_augment
         self.head_init_std = head_init_std
+        self.use_bn_in_head = use_bn_in_head
         if hidden_layer is not None:
             log.debug("%s ignores hidden_layer=%r: features come from forward_features", type(self).__name__,
                       hidden_layer)
 
         self.num_prototypes = num_classes_K
         self.head = DINOHead(net.embed_dim, num_classes_K, projection_hidden_size, bottleneck_dim,
-                             nlayers=projection_layers - 1, norm_last_layer=norm_last_layer, init_std=head_init_std)
+                             nlayers=projection_layers - 1, norm_last_layer=norm_last_layer, init_std=head_init_std,
+                             use_bn=use_bn_in_head)
         self.build_extra_heads(net.embed_dim, num_classes_K, projection_hidden_size, bottleneck_dim,
                                projection_layers - 1, norm_last_layer)
         self.teacher = frozen_copy(nn.ModuleDict(self.student_modules()))
@@ -442,6 +447,9 @@ class Dino(Objective):
     def train(self, mode: bool = True) -> Dino:
         super().train(mode)
         self.teacher.eval()  # the teacher never uses dropout or drop path
+        for m in self.teacher.modules():  # ... but its head's batch norms use batch statistics, as DINO's
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train(mode)
         return self
 
     def export_backbone(self) -> nn.Module:

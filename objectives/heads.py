@@ -14,7 +14,14 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
-__all__ = ["DINOHead", "WeightNormLinear"]
+__all__ = ["BatchNormLast", "DINOHead", "WeightNormLinear"]
+
+
+class BatchNormLast(nn.BatchNorm1d):
+    """Batch norm over the last dimension of (..., D): every leading position (image, or token) is a sample."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.reshape(-1, x.shape[-1])).view_as(x)
 
 
 class WeightNormLinear(nn.Module):
@@ -56,10 +63,13 @@ class DINOHead(nn.Module):
     1 / sqrt(fan_in) per layer, the same gain at any width. With zero biases the gain scales the
     bottleneck vector as a whole, so after the l2 normalisation it changes the initial outputs little;
     how much they differ between images is set by the backbone's features.
+    use_bn: batch norm after each hidden linear layer (DINO's `--use_bn_in_head`, its choice for
+    convnets), over every leading position of (..., in_dim); statistics are per process (no SyncBatchNorm).
     """
 
     def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 nlayers: int = 3, norm_last_layer: bool = True, init_std: float | None = 0.02) -> None:
+                 nlayers: int = 3, norm_last_layer: bool = True, init_std: float | None = 0.02,
+                 use_bn: bool = False) -> None:
         super().__init__()
         if nlayers < 1:
             raise ValueError(f"DINOHead needs at least one MLP layer, got nlayers={nlayers}")
@@ -70,6 +80,8 @@ class DINOHead(nn.Module):
         for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
             layers.append(nn.Linear(a, b))
             if i < nlayers - 1:
+                if use_bn:
+                    layers.append(BatchNormLast(b))
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
         for m in self.mlp.modules():

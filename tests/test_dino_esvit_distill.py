@@ -310,7 +310,8 @@ def test_esvit_region_center_update():
     with torch.no_grad():
         t = e.teacher["region_head"](e.teacher_backbone.forward_features(torch.cat(views[:2])).patch_tokens)
     e(views)
-    torch.testing.assert_close(e.region_center, t.flatten(0, 1).mean(0), rtol=1e-4, atol=1e-6)  # the first update: the mean
+    # the first update sets the centre to the mean
+    torch.testing.assert_close(e.region_center, t.flatten(0, 1).mean(0), rtol=1e-4, atol=1e-6)
     assert set(e.metrics) >= {"loss", "view_loss", "region_loss"}
 
 
@@ -471,3 +472,25 @@ def test_state_dict_without_center_flags_loads_as_started():
     state = {k: v for k, v in d.state_dict().items() if not k.endswith("center_started")}
     d.load_state_dict(state)
     assert bool(d.center_started)
+
+
+def test_bn_head_uses_batch_statistics_in_student_and_teacher():
+    """use_bn_in_head (DINO's --use_bn_in_head): batch norm after each hidden linear layer; the teacher's batch
+    norms use the batch's statistics while training, as DINO's teacher does, and running ones in eval."""
+    from torch import nn
+
+    d = Dino(tiny_vit(), **TINY, use_bn_in_head=True).train()
+    bns = [m for m in d.head.mlp if isinstance(m, nn.BatchNorm1d)]
+    assert len(bns) == 2
+    teacher_bns = [m for m in d.teacher.modules() if isinstance(m, nn.BatchNorm1d)]
+    assert len(teacher_bns) == 2 and all(m.training for m in teacher_bns) and not d.teacher.training
+    x = torch.randn(6, d.backbone.embed_dim)
+    with torch.no_grad():
+        h = d.teacher["head"].mlp[0](x)
+        normed = d.teacher["head"].mlp[1](h)
+    torch.testing.assert_close(normed.mean(0), torch.zeros(h.shape[1]), atol=1e-5, rtol=0)
+    loss = d(make_views(images(4), d.view_specs(), generator=torch.Generator().manual_seed(0)))
+    loss.backward()
+    assert torch.isfinite(loss) and bns[0].weight.grad is not None
+    d.eval()
+    assert all(not m.training for m in teacher_bns)
