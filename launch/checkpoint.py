@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from ssl_vit import CorruptCheckpoint
 from ssl_vit.files import MANIFEST, atomic_dir, atomic_write_text, remove_stale_temps, verify_manifest, write_manifest
 
+from . import sharded_io
 from .config import dump
 from .errors import DivergedError, LaunchError
 from .export_backbone import state_for_safetensors
@@ -209,7 +210,9 @@ def is_checkpoint(path: Path) -> bool:
 def _sharded_metadata(path: Path) -> dict[str, Any]:
     """{flat key: storage metadata} of a checkpoint's SHARDED_DIR ("model.<name>", "optim.state.<name>.<key>")."""
     try:
-        return dict(dcp.FileSystemReader(str(path / SHARDED_DIR)).read_metadata().state_dict_metadata)
+        return dict(sharded_io.read_metadata(path / SHARDED_DIR).state_dict_metadata)
+    except CorruptCheckpoint:
+        raise
     except Exception as err:  # a damaged .metadata: one line, not torch's unpickler traceback
         raise CorruptCheckpoint(f"checkpoint {path}: cannot read {SHARDED_DIR}/.metadata: "
                                 f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
@@ -233,7 +236,9 @@ def read_sharded_weights(objective: torch.nn.Module, path: Path) -> dict[str, to
     try:
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load({"model": weights}, checkpoint_id=str(path / SHARDED_DIR), no_dist=True)
+            sharded_io.load({"model": weights}, path / SHARDED_DIR, no_dist=True)
+    except CorruptCheckpoint:
+        raise
     except Exception as err:
         raise CorruptCheckpoint(f"checkpoint {path}: cannot read {SHARDED_DIR}: {str(err).splitlines()[0]}") from None
     return weights
@@ -396,13 +401,15 @@ def load_sharded(path: Path, *, objective: torch.nn.Module, optimizer: torch.opt
     folder = str(path / SHARDED_DIR)
     model = get_model_state_dict(objective)
     try:
-        dcp.load({"model": model}, checkpoint_id=folder)
+        sharded_io.load({"model": model}, folder)
+    except CorruptCheckpoint:
+        raise
     except Exception as err:  # shapes or names that differ: another preset or other arguments
         raise LaunchError(f"checkpoint {path} does not fit this model: {str(err).strip().splitlines()[-1]}") \
             from None
     set_model_state_dict(objective, model)
     optim = get_optimizer_state_dict(objective, optimizer)
-    dcp.load({"optim": optim}, checkpoint_id=folder, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+    sharded_io.load({"optim": optim}, folder, allow_partial_load=True)
     set_optimizer_state_dict(objective, optimizer, optim)
     saved = {k[len("optim.state."):].rsplit(".", 1)[0] for k in metadata if k.startswith("optim.state.")}
     for name, p in objective.named_parameters():
