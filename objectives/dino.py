@@ -69,27 +69,26 @@ def dino_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, center
 
 
 @torch.no_grad()
-def update_center_(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float,
+def update_center_(center: torch.Tensor, rows: torch.Tensor, momentum: float,
                    started: torch.Tensor | None = None) -> None:
-    """center <- m * center + (1 - m) * mean teacher output, averaged over every process.
+    """center <- m * center + (1 - m) * mean of rows (..., K) over every process; unchanged when no process
+    has a row (iBOT's masked-token centre of a batch without masks).
 
-    center (K,); teacher_logits (..., K). `started` (0-d bool buffer), when given: while it is False the
-    centre becomes the batch mean itself, and it is set. DINO starts its EMA at zero, a bias that fades
-    over ~1 / (1 - m) steps (10 at 0.9): nothing in a 125 k-step run, the first 15 % of a 68-step one.
-    No device sync either way.
+    `started` (0-d bool buffer), when given: while it is False, the first batch with rows sets the centre to
+    its mean and sets the flag. DINO starts its EMA at zero, a bias that fades over ~1 / (1 - m) steps (10 at
+    0.9): nothing in a 125 k-step run, the first 15 % of a 68-step one. No device sync either way.
     """
-    flat = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1]).float()
-    batch_center = flat.sum(0)
-    count = flat.shape[0]
+    flat = rows.detach().reshape(-1, rows.shape[-1]).float()
+    stats = torch.cat([flat.sum(0), flat.new_tensor([float(flat.shape[0])])])
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(batch_center)
-        count *= dist.get_world_size()
-    mean = batch_center / count
-    if started is None:
-        center.mul_(momentum).add_(mean, alpha=1.0 - momentum)
-        return
-    center.copy_(torch.where(started, momentum * center + (1.0 - momentum) * mean, mean))
-    started.fill_(True)
+        dist.all_reduce(stats)
+    count = stats[-1]
+    mean = stats[:-1] / count.clamp_min(1.0)
+    updated = momentum * center + (1.0 - momentum) * mean
+    if started is not None:
+        updated = torch.where(started, updated, mean)
+        started.logical_or_(count > 0)
+    center.copy_(torch.where(count > 0, updated, center))
 
 
 @torch.no_grad()

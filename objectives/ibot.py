@@ -33,7 +33,7 @@ from torch import nn
 
 from ssl_vit import BackboneOutput, InputShapeError, register_objective
 
-from .dino import Dino, encode_views, teacher_collapse_stats
+from .dino import Dino, encode_views, teacher_collapse_stats, update_center_
 from .ema import linear_warmup
 from .heads import DINOHead
 
@@ -206,25 +206,6 @@ def ibot_block_masks(ratios: torch.Tensor, grid: Sequence[int], *, min_cells: in
     return mask
 
 
-@torch.no_grad()
-def update_mean_center_(center: torch.Tensor, rows: torch.Tensor, momentum: float,
-                        started: torch.Tensor | None = None) -> None:
-    """center <- m * center + (1 - m) * mean of rows (M, K) over every process; unchanged when no process
-    has a row (the masked-token centre of a batch without masks). `started` (0-d bool): while False, the first
-    batch with rows sets the centre to its mean and sets the flag (as `objectives.dino.update_center_`)."""
-    flat = rows.detach().reshape(-1, rows.shape[-1]).float()
-    stats = torch.cat([flat.sum(0), flat.new_tensor([float(flat.shape[0])])])
-    stats = _all_reduce(stats)
-    count = stats[-1]
-    mean = stats[:-1] / count.clamp_min(1.0)
-    if started is None:
-        center.copy_(torch.where(count > 0, momentum * center + (1.0 - momentum) * mean, center))
-        return
-    updated = torch.where(started, momentum * center + (1.0 - momentum) * mean, mean)
-    center.copy_(torch.where(count > 0, updated, center))
-    started.logical_or_(count > 0)
-
-
 # ---- the objective -------------------------------------------------------------------------------------
 class IBOT(Dino):
     """iBOT over any backbone with `mask_token`: images (B, C, H, W) or the launcher's views -> scalar loss.
@@ -379,10 +360,10 @@ class IBOT(Dino):
         metrics.update(teacher_entropy=entropy, kl_to_uniform=kl)
         if self.training and self.centering == "ema":
             with torch.no_grad():
-                update_mean_center_(self.center, t_logits, self.center_momentum, self.center_started)
+                update_center_(self.center, t_logits, self.center_momentum, self.center_started)
                 # the last layer is linear: the logits of each image's mean projection average its tokens
                 rows = t_head.last_layer(t_proj.mean(1)) if every else t_patch
-                update_mean_center_(self.patch_center, rows, self.patch_center_momentum, self.patch_center_started)
+                update_center_(self.patch_center, rows, self.patch_center_momentum, self.patch_center_started)
         return loss, metrics
 
     # ---- schedules ----------------------------------------------------------------------------------------

@@ -201,7 +201,7 @@ def test_launcher_runs_dinov2_for_two_steps(tmp_path):
 def _distributed_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
     import torch.distributed as dist
 
-    from objectives.ibot import update_mean_center_
+    from objectives.dino import update_center_
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -209,7 +209,7 @@ def _distributed_worker(rank: int, world: int, init_file: str, out_file: str) ->
         rows = logits.chunk(world)[rank]
         targets = sinkhorn_knopp(rows, 0.07, 3)
         center = torch.zeros(5)
-        update_mean_center_(center, rows[: 2 + rank], 0.5)  # a different number of rows on each process
+        update_center_(center, rows[: 2 + rank], 0.5)  # a different number of rows on each process
         gathered = [torch.zeros_like(targets) for _ in range(world)]
         dist.all_gather(gathered, targets)
         if rank == 0:
