@@ -3,14 +3,12 @@
     accelerate launch pretrain.py --objective dino --backbone cvt     # the demo on the embedded digits
     python pretrain.py --help                                         # options, objectives, backbones
 
-A thin entry point: everything lives in launch/ (launch.cli.main).
+A thin entry point: everything lives in launch/ (launch.cli.main; launch.cli.run ends the process).
 """
 
 from __future__ import annotations
 
-import sys
-
-from launch.cli import main
+from launch.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -11,9 +11,11 @@ written; a run that diverges stops with one line and exit status 3, its last goo
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import textwrap
+from typing import NoReturn
 
 from ssl_vit.errors import SslVitError
 
@@ -113,6 +115,29 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: resume with --resume", file=sys.stderr)
         return 130
     return 0
+
+
+def run(argv: list[str] | None = None) -> NoReturn:
+    """Entry point of `pretrain.py` and `ssl-vit-pretrain`: `main`, then `exit_process` with its status."""
+    exit_process(main(argv))
+
+
+def exit_process(status: int) -> NoReturn:
+    """End this process with `status`; a process of a multi-process launch skips interpreter finalisation.
+
+    By the time `main` returns, every file of the run is written (atomically) and the process group is
+    destroyed. What finalisation would still do is free module globals while gloo's worker threads release
+    the last tensors of finished collectives; such a thread that needs the GIL then is terminated by Python
+    inside a C++ destructor and the process aborts ("terminate called without an active exception",
+    SIGABRT) after a successful run, which the launcher reports as a failed job. It happens under CPU
+    contention only, at the end of FSDP runs most (torch's own discussion: pytorch/pytorch#179291).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        sys.exit(status)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _profile_was_auto(args: argparse.Namespace) -> bool:

@@ -1,12 +1,10 @@
-"""The `ssl-vit-pretrain` console script (pyproject) and `python -m launch.pretrain`: same as pretrain.py."""
+"""`python -m launch.pretrain`: same as pretrain.py (the `ssl-vit-pretrain` console script is launch.cli:run)."""
 
 from __future__ import annotations
 
-import sys
+from .cli import main, run
 
-from .cli import main
-
-__all__ = ["main"]
+__all__ = ["main", "run"]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -21,7 +21,9 @@ TIMEOUT = 300
 
 
 def _env(tmp_path: Path) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf"), PYTHONUNBUFFERED="1")
+    # PYTHONFAULTHANDLER: a rank that aborts prints every thread's Python stack
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HOME=str(tmp_path / "hf"), PYTHONUNBUFFERED="1",
+               PYTHONFAULTHANDLER="1")
     env.pop("ACCELERATE_CONFIG_FILE", None)
     return env
 
@@ -192,3 +194,16 @@ def test_plain_torchrun_two_nodes(tmp_path):
 def _skip_without_accelerate():
     if not Path(ACCELERATE).is_file():
         pytest.skip("the accelerate command is not installed next to this Python")
+
+
+@pytest.mark.parametrize("world, finalised", [("1", True), ("4", False)])
+def test_a_launched_process_ends_with_its_status_and_its_output(world, finalised):
+    """launch.cli.run's exit: a rank of a multi-process launch skips interpreter finalisation (no atexit
+    handler runs) but still ends with main's status and everything it printed."""
+    code = ("import atexit, sys; from launch.cli import exit_process; atexit.register(print, 'finalised'); "
+            "print('written'); sys.stderr.write('said'); exit_process(3)")
+    env = dict(os.environ, WORLD_SIZE=world)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 3 and done.stdout.startswith("written") and done.stderr == "said", done
+    assert ("finalised" in done.stdout) == finalised
