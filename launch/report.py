@@ -2,12 +2,14 @@
 
 Writes RUN/report.html (or FILE) with the resolved config (the checkpoint's `config.yaml`, shown as
 escaped text), the training curves, the linear-probe and k-NN results (`results.json` files found in
-the run folder, or given with `--probe`), attention maps, MAE/SimMIM reconstructions and the UMAP
-picture of `launch.embed` (`embeddings/umap.png`) when there is one. Everything is inline: pictures are
-base64 PNG data URIs, the style sheet is in the page, there are no scripts and no external references,
-so the file opens offline and can be mailed or attached as it is. Nothing read from the run folder is
-executed: the config is shown as text, JSON is read as data, the UMAP PNG is decoded and re-encoded,
-and sample images come from `--data` or the embedded digits, never from the run's stored shard specs.
+the run folder, or given with `--probe`), attention maps, MAE/SimMIM reconstructions, the UMAP
+picture of `launch.embed` (`embeddings/umap.png`) when there is one, and with `--registers-vs OTHER`
+the attention maps with and without register tokens side by side (one of the two has registers).
+Everything is inline: pictures are base64 PNG data URIs, the style sheet is in the page, there are no
+scripts and no external references, so the file opens offline and can be mailed or attached as it is.
+Nothing read from the run folder is executed: the config is shown as text, JSON is read as data, the
+UMAP PNG is decoded and re-encoded, and sample images come from `--data` or the embedded digits, never
+from the run's stored shard specs.
 """
 
 from __future__ import annotations
@@ -158,12 +160,13 @@ def _umap(run_dir: Path) -> Image.Image | None:
 
 
 def build_report(run_dir: str | Path, *, data: str | None = None, cache: str | None = None, images: int = 6,
-                 probe: Sequence[str | Path] = ()) -> str:
-    """The report of a run folder as one HTML string (see the module docstring)."""
+                 probe: Sequence[str | Path] = (), registers_vs: str | Path | None = None) -> str:
+    """The report of a run folder as one HTML string (see the module docstring); `registers_vs` adds the
+    "registers" section (`launch.visualize.registers_figure`)."""
     run_dir = Path(run_dir)
     notes: list[str] = []
     results = find_results(run_dir, probe)  # bad --probe fails before the (slow) figures
-    figures = run_figures(run_dir, images=images, data=data, cache=cache, notes=notes)
+    figures = run_figures(run_dir, images=images, data=data, cache=cache, notes=notes, registers_vs=registers_vs)
     metrics = run_dir / "metrics.jsonl"
     records = read_metrics(metrics) if metrics.is_file() else []
     config, config_from = _config_text(run_dir)
@@ -186,8 +189,11 @@ def build_report(run_dir: str | Path, *, data: str | None = None, cache: str | N
         "curves": ("Training curves", "one panel per metric family of metrics.jsonl; raw series faint, EMA solid"),
         "attention": ("Attention maps", "last-layer attention of the exported backbone on sample images"),
         "reconstruction": ("Reconstructions", "original, masked input and reconstruction in pixel space"),
+        "registers": ("Attention with and without registers", "last-layer attention of the backbone with "
+                      "register tokens next to the one without (Darcet et al. 2024, Fig. 1)"),
     }
-    for key in ("curves", "results", "attention", "reconstruction"):
+    keys = ("curves", "results", "attention", "reconstruction") + (("registers",) if registers_vs else ())
+    for key in keys:
         if key == "results":
             body.append(f'<section id="results"><h2>Probe and k-NN results</h2>{_results_html(results, records)}'
                         "</section>")
@@ -221,11 +227,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="a results.json of launch.probe to include (repeatable; the run folder's are found)")
     p.add_argument("--images", type=int, default=6, help="sample images per figure")
     p.add_argument("--cache", help="where the embedded digits shards are built")
+    p.add_argument("--registers-vs", metavar="OTHER_RUN",
+                   help="another run or export folder: one backbone with register tokens, one without; adds "
+                        "their attention maps side by side")
     try:
         args = p.parse_args(argv)
         if args.images < 1:
             p.error("--images must be at least 1")
-        page = build_report(args.run_dir, data=args.data, cache=args.cache, images=args.images, probe=args.probe)
+        page = build_report(args.run_dir, data=args.data, cache=args.cache, images=args.images, probe=args.probe,
+                            registers_vs=args.registers_vs)
         out = Path(args.out) if args.out else Path(args.run_dir) / "report.html"
         if out.is_dir():
             raise LaunchError(f"--out {out} is a folder; give the HTML file to write")

@@ -234,3 +234,29 @@ def test_visualize_command_compares_registers(tmp_path):
             _not_blank(_rgb(img))
         assert (out / "attention.png").is_file()
     assert main([str(b), "--registers-vs", str(b), "--cache", cache, "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_report_shows_registers_next_to_none(tmp_path):
+    """`python -m launch.report EXPORT --registers-vs OTHER` adds the registers section with its picture."""
+    import base64
+    import io
+    import re
+
+    from launch.report import main as report_main
+
+    with_registers, without = _register_pair()
+    config = {"data": {"mean": [0.5] * 3, "std": [0.5] * 3}}
+    a = ssl_vit.save_backbone(with_registers, tmp_path / "with", config=config)
+    b = ssl_vit.save_backbone(without, tmp_path / "without", config=config)
+    page_file = tmp_path / "report.html"
+    assert report_main([str(a), "--registers-vs", str(b), "--images", "2", "--cache", str(tmp_path / "cache"),
+                        "--out", str(page_file)]) == 0
+    page = page_file.read_text()
+    section = page.split('<section id="registers">', 1)[1].split("</section>", 1)[0]
+    assert "<h2>Attention with and without registers</h2>" in section
+    (src,) = re.findall(r'src="data:image/png;base64,([^"]*)"', section)
+    with Image.open(io.BytesIO(base64.b64decode(src))) as img:
+        _not_blank(_rgb(img))
+    plain = tmp_path / "plain.html"
+    assert report_main([str(a), "--images", "2", "--cache", str(tmp_path / "cache"), "--out", str(plain)]) == 0
+    assert 'id="registers"' not in plain.read_text()
