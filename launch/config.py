@@ -290,6 +290,8 @@ def _convert(value: Any, check: Check, name: str) -> Any:
         if not math.isfinite(value):
             raise bad()
     elif check.kind is str:
+        if value is False and "no" in (check.choices or ()):
+            value = "no"  # YAML reads a bare `no` (train.mixed_precision=no) as false
         if not isinstance(value, str):
             raise bad()
     elif check.kind == "list":

@@ -112,6 +112,17 @@ def test_bad_values_name_the_key_and_what_is_allowed(item, expect):
     assert expect in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_bare_no_is_the_choice_no():
+    """`--set train.mixed_precision=no` (YAML reads `no` as false) is the choice "no"; false stays refused where
+    "no" is not a choice."""
+    from launch.config import parse
+
+    assert parse(resolve("mae", "vit_tiny", sets=["train.mixed_precision=no"], profile_hint=None)[0]
+                 ).train.mixed_precision == "no"
+    with pytest.raises(LaunchError, match="train.strategy"):
+        parse(resolve("mae", "vit_tiny", sets=["train.strategy=no"], profile_hint=None)[0])
+
+
 def test_objective_and_backbone_are_required():
     from launch.config import parse
 
