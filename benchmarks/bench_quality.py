@@ -9,7 +9,9 @@ calibration run (same command, a few steps) gives the start-up cost and the time
 (`ssl_vit.load_backbone`) is then read out on the held-out split with one logistic-regression probe
 (scikit-learn, standardised pooled features) and the weighted k-NN of launch.knn (k=20, T=0.07),
 always next to the same backbone at random initialisation (the exact weights the run started from)
-and raw pixels.
+and raw pixels. A dense read-out goes with them ("patch" column): the same k-NN on patch tokens against
+the image label map, i.e. each held-out patch token classified by the patch tokens of the training images
+at 16 grid positions drawn once, every token carrying its image's label (raw pixels: the 4x4 patches).
 
 Data (benchmarks.quality_data): the embedded digits at 32 px and crops of the colour photographs that
 ship with scikit-image and scikit-learn, labelled by source photograph, with spatially disjoint
@@ -56,6 +58,7 @@ QUICK_BACKBONE, QUICK_ARGS = "vit_tiny", {}  # --quick: a smoke test, not a meas
 SIZE, BATCH = 32, 32
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 K, T = 20, 0.07
+PATCHES_PER_IMAGE = 16  # grid positions per image in the patch-level k-NN (bank: train images x 16 tokens)
 
 
 @dataclass
@@ -81,6 +84,7 @@ class Row:
     wall_s: float | None = None
     baseline: dict = field(default_factory=dict)  # random init's {"probe", "knn"} for this backbone
     verdict: str = ""
+    patch_knn: float | None = None  # patch tokens against the image label map (`patch_knn`), percent
 
     def ratios(self) -> tuple[float, float]:
         """(probe error / random-init probe error, k-NN error / random-init k-NN error)."""
@@ -139,6 +143,41 @@ def read_out(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, 
 def evaluate(features: Callable[[torch.Tensor], torch.Tensor], split: Split, mean: tuple, std: tuple) -> dict:
     return read_out(embed(features, split.train_x, mean, std), split.train_y,
                     embed(features, split.val_x, mean, std), split.val_y)
+
+
+def patch_knn(patches: Callable[[torch.Tensor], torch.Tensor], split: Split, mean: tuple, std: tuple,
+              per_image: int = PATCHES_PER_IMAGE, seed: int = 0, batch: int = 256) -> float:
+    """Weighted k-NN top-1 (percent) of patch tokens against the image label map: `patches` maps normalised
+    images to (B, N, D) tokens; at `per_image` of the N grid positions (drawn once, the same for every
+    image) each held-out token is classified by the training images' tokens, each labelled with its image's
+    label. A dense read-out (iBOT, DINOv2): it scores what the patch tokens carry, not the pooled feature."""
+    from launch.knn import knn_classify, topk_accuracy
+
+    @torch.no_grad()
+    def tokens(images: torch.Tensor) -> torch.Tensor:
+        out = []
+        for i in range(0, len(images), batch):
+            t = patches(prepare(images[i:i + batch], mean, std)).float()  # (B, N, D)
+            if i == 0:
+                where = torch.randperm(t.shape[1], generator=torch.Generator().manual_seed(seed))[:per_image]
+            out.append(t[:, where].flatten(0, 1))  # (B * per_image, D)
+        return torch.cat(out)
+
+    train_f, val_f = tokens(split.train_x), tokens(split.val_x)
+    per = train_f.shape[0] // len(split.train_y)
+    num_classes = int(max(split.train_y.max(), split.val_y.max())) + 1
+    scores = knn_classify(train_f, split.train_y.repeat_interleave(per), val_f, k=K, t=T, num_classes=num_classes)
+    return topk_accuracy(scores, split.val_y.repeat_interleave(per), ks=(1,))[0]
+
+
+def backbone_patches(backbone: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    backbone.eval()
+    return lambda x: backbone.forward_features(x).patch_tokens
+
+
+def pixel_patches(size: int = 4) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Raw pixels as (B, N, 3 * size * size) patch tokens on the backbone's grid of `size`-pixel patches."""
+    return lambda x: torch.nn.functional.unfold(x, size, stride=size).transpose(1, 2)
 
 
 def raw_pixels(split: Split, mean: tuple, std: tuple) -> dict:
@@ -364,7 +403,7 @@ def verdict(row: Row, raw: dict, target: Target) -> str:
 
 def format_table(rows: list[Row]) -> str:
     head = (f"{'method':30s} {'data':7s} {'steps':>6s} {'wall s':>6s} {'img/s':>7s} {'probe':>6s} {'k-NN':>6s} "
-            f"{'gain':>6s} {'k-gain':>6s} {'p-err x':>7s} {'k-err x':>7s}  target")
+            f"{'patch':>6s} {'gain':>6s} {'k-gain':>6s} {'p-err x':>7s} {'k-err x':>7s}  target")
     lines = [head, "-" * len(head)]
     for r in rows:
         steps = "-" if r.steps is None else str(r.steps)
@@ -376,8 +415,9 @@ def format_table(rows: list[Row]) -> str:
                      f"{r.verdict}")
         else:
             extra = f"{'-':>6s} {'-':>6s} {'-':>7s} {'-':>7s}  -"
+        patch = "-" if r.patch_knn is None else f"{r.patch_knn:.1f}"
         lines.append(f"{r.method:30s} {r.dataset:7s} {steps:>6s} {wall:>6s} {ips:>7s} {r.probe:6.1f} {r.knn:6.1f} "
-                     f"{extra}")
+                     f"{patch:>6s} {extra}")
     return "\n".join(lines)
 
 
@@ -418,6 +458,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     def add(row: Row) -> None:  # printed and saved as it comes, so an interrupted run keeps what it measured
         rows.append(row)
         print(f"  {row.method} on {row.dataset}: probe {row.probe:.1f}, k-NN {row.knn:.1f}"
+              + (f", patch k-NN {row.patch_knn:.1f}" if row.patch_knn is not None else "")
               + (f", {row.steps} steps in {row.wall_s:.0f} s, {row.images_per_s:.1f} img/s {row.verdict}"
                  if row.steps is not None else ""), flush=True)
         work.mkdir(parents=True, exist_ok=True)
@@ -431,7 +472,8 @@ def run(args: argparse.Namespace) -> list[Row]:
               f"{int(split.train_y.max()) + 1} classes", flush=True)
         demo_norm = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
         raw = raw_pixels(split, *demo_norm)
-        add(Row("raw pixels", dataset, raw["probe"], raw["knn"]))
+        add(Row("raw pixels", dataset, raw["probe"], raw["knn"],
+                patch_knn=patch_knn(pixel_patches(BACKBONE_ARGS["patch_size"]), split, *demo_norm)))
         baselines: dict[str, dict] = {}
         for objective in args.objectives:
             t0 = time.perf_counter()
@@ -440,12 +482,14 @@ def run(args: argparse.Namespace) -> list[Row]:
             norm = data_norm(result["export"])
             if "ours" not in baselines:
                 torch.manual_seed(0)  # what pretrain.py builds at step 0 (train.seed 0)
-                baselines["ours"] = evaluate(backbone_features(ssl_vit.create_backbone(backbone, **backbone_args)),
-                                             split, *norm)
-                add(Row(f"random init ({backbone})", dataset, **baselines["ours"]))
-            scores = evaluate(backbone_features(ssl_vit.load_backbone(result["export"])), split, *norm)
+                initial = ssl_vit.create_backbone(backbone, **backbone_args)
+                baselines["ours"] = evaluate(backbone_features(initial), split, *norm)
+                add(Row(f"random init ({backbone})", dataset, **baselines["ours"],
+                        patch_knn=patch_knn(backbone_patches(initial), split, *norm)))
+            trained = ssl_vit.load_backbone(result["export"])
+            scores = evaluate(backbone_features(trained), split, *norm)
             row = Row(objective, dataset, scores["probe"], scores["knn"], result["steps"], result["images_per_s"],
-                      result["wall_s"], baselines["ours"])
+                      result["wall_s"], baselines["ours"], patch_knn=patch_knn(backbone_patches(trained), split, *norm))
             row.verdict = verdict(row, raw, TARGETS[objective])
             cal = result["calibration"]
             print(f"  {objective}: calibration {cal['step_s']:.2f} s/step, {cal['fixed_s']:.0f} s fixed; "

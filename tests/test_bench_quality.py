@@ -24,7 +24,7 @@ def test_quick_run_gives_finite_rows_and_distinct_baselines(tmp_path, monkeypatc
     assert methods == ["raw pixels", "random init (vit_tiny)", "mae"]
     for r in rows:
         assert r.dataset == "digits"
-        for value in (r.probe, r.knn):
+        for value in (r.probe, r.knn, r.patch_knn):
             assert math.isfinite(value) and 0 <= value <= 100
     raw, rand, mae = rows
     # the two baselines are different read-outs, not one computed twice
@@ -34,7 +34,27 @@ def test_quick_run_gives_finite_rows_and_distinct_baselines(tmp_path, monkeypatc
     probe_ratio, knn_ratio = mae.ratios()
     assert math.isfinite(probe_ratio) and math.isfinite(knn_ratio)
 
+    assert len({raw.patch_knn, rand.patch_knn}) == 2  # pixels and tokens, not one read-out twice
     table = bench_quality.format_table(rows)
     assert "raw pixels" in table and "random init" in table and ("PASS" in table or "MISS" in table)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [r["method"] for r in saved["rows"]] == methods
+
+
+def test_patch_knn_reads_what_the_patches_carry():
+    """Patch tokens that carry the label (in every 4x4 patch the pixel at position `label` is bright, plus
+    noise) are read at ~100 %; patch tokens of noise images at about chance (10 classes)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(10).repeat(30)
+    carry = torch.randint(0, 8, (300, 3, 32, 32), generator=g)
+    cells = carry.view(300, 3, 8, 4, 8, 4)  # (image, channel, cell row, row in cell, cell column, column in cell)
+    cells[torch.arange(300), :, :, labels // 4, :, labels % 4] = 255
+    pure_noise = torch.randint(0, 256, (300, 3, 32, 32), generator=g)
+    norm = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    tokens = bench_quality.pixel_patches(4)
+    for images, low, high in ((carry, 99.0, 100.0), (pure_noise, 0.0, 25.0)):
+        images = images.to(torch.uint8)
+        split = bench_quality.Split(images[:200], labels[:200], images[200:], labels[200:])
+        assert low <= bench_quality.patch_knn(tokens, split, *norm) <= high
