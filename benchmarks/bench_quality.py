@@ -153,18 +153,12 @@ def patch_knn(patches: Callable[[torch.Tensor], torch.Tensor], split: Split, mea
     label. A dense read-out (iBOT, DINOv2): it scores what the patch tokens carry, not the pooled feature."""
     from launch.knn import knn_classify, topk_accuracy
 
-    @torch.no_grad()
-    def tokens(images: torch.Tensor) -> torch.Tensor:
-        out = []
-        for i in range(0, len(images), batch):
-            t = patches(prepare(images[i:i + batch], mean, std)).float()  # (B, N, D)
-            if i == 0:
-                where = torch.randperm(t.shape[1], generator=torch.Generator().manual_seed(seed))[:per_image]
-            out.append(t[:, where].flatten(0, 1))  # (B * per_image, D)
-        return torch.cat(out)
-
-    train_f, val_f = tokens(split.train_x), tokens(split.val_x)
-    per = train_f.shape[0] // len(split.train_y)
+    with torch.no_grad():
+        grid = patches(prepare(split.train_x[:1], mean, std)).shape[1]
+    where = torch.randperm(grid, generator=torch.Generator().manual_seed(seed))[:per_image]
+    picked = lambda x: patches(x)[:, where]  # (B, per_image, D)
+    train_f, val_f = (embed(picked, images, mean, std, batch).flatten(0, 1) for images in (split.train_x, split.val_x))
+    per = len(where)
     num_classes = int(max(split.train_y.max(), split.val_y.max())) + 1
     scores = knn_classify(train_f, split.train_y.repeat_interleave(per), val_f, k=K, t=T, num_classes=num_classes)
     return topk_accuracy(scores, split.val_y.repeat_interleave(per), ks=(1,))[0]
