@@ -15,6 +15,8 @@ half its depth or less, as the lightweight-ViT MAE studies do; 8 x 512 would be 
   + `MAEDecoderTIMM`, lightly's token-mask utilities (its MAE example), views from lightly's
   `MAETransform(input_size=32)` on PIL images (what its data loader runs per image), default AdamW.
 
+"lightly model": lightly's step with its views made once (its model alone), as in bench_dino_small.
+
 `--profile` then profiles one step of ours (see benchmarks.common.profile_step).
 
 Run: `.venv-bench/bin/python -m benchmarks.bench_mae_small [--batch 64] [--rounds 10] [--precision both] [--profile]`
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import warnings
+from functools import partial
 
 import torch
 
@@ -66,7 +69,8 @@ def build_ours(batch: int):
     return step
 
 
-def build_lightly(batch: int):
+def build_lightly(batch: int, views_once: bool = False):
+    """lightly's step; `views_once`: its views made once before the rounds (its model alone: the ceiling)."""
     import timm
     from lightly.models import utils
     from lightly.models.modules import MAEDecoderTIMM, MaskedVisionTransformerTIMM
@@ -98,8 +102,13 @@ def build_lightly(batch: int):
         target = (target - mean) / (var + 1e-6).sqrt()
         return torch.nn.functional.mse_loss(pred, target.type_as(pred))
 
+    def make() -> torch.Tensor:
+        return torch.stack([transform(img)[0] for img in pil])  # the data loader's work, then its collate
+
+    fixed = make() if views_once else None
+
     def step() -> None:
-        views = torch.stack([transform(img)[0] for img in pil])  # the data loader's work, then its collate
+        views = fixed if fixed is not None else make()
         opt.zero_grad(set_to_none=True)
         loss_fn(views).backward()
         opt.step()
@@ -107,7 +116,7 @@ def build_lightly(batch: int):
     return step
 
 
-BUILDERS = {"ours": build_ours, "lightly": build_lightly}
+BUILDERS = {"ours": build_ours, "lightly": build_lightly, "lightly model": partial(build_lightly, views_once=True)}
 
 
 def main() -> None:
