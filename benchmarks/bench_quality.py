@@ -85,6 +85,7 @@ class Row:
     baseline: dict = field(default_factory=dict)  # random init's {"probe", "knn"} for this backbone
     verdict: str = ""
     patch_knn: float | None = None  # patch tokens against the image label map (`patch_knn`), percent
+    rank: float | None = None  # effective rank (RankMe) of the held-out pooled features: dimensional collapse
 
     def ratios(self) -> tuple[float, float]:
         """(probe error / random-init probe error, k-NN error / random-init k-NN error)."""
@@ -122,12 +123,14 @@ def backbone_features(backbone: torch.nn.Module) -> Callable[[torch.Tensor], tor
 
 
 def read_out(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, val_y: torch.Tensor) -> dict:
-    """{"probe": logistic-regression top-1, "knn": weighted k-NN top-1} in percent on the held-out split."""
+    """{"probe": logistic-regression top-1, "knn": weighted k-NN top-1} in percent on the held-out split, and
+    "rank": the effective rank of the held-out features (RankMe, `objectives.dino.effective_rank`)."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
     from launch.knn import knn_classify, topk_accuracy
+    from objectives.dino import effective_rank
 
     num_classes = int(max(train_y.max(), val_y.max())) + 1
     scores = knn_classify(train_f, train_y, val_f, k=K, t=T, num_classes=num_classes)
@@ -137,7 +140,7 @@ def read_out(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, 
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf = LogisticRegression(max_iter=1000).fit(scaler.transform(train_f.numpy()), train_y.numpy())
     probe = 100.0 * float((clf.predict(scaler.transform(val_f.numpy())) == val_y.numpy()).mean())
-    return {"probe": probe, "knn": knn}
+    return {"probe": probe, "knn": knn, "rank": float(effective_rank(val_f))}
 
 
 def evaluate(features: Callable[[torch.Tensor], torch.Tensor], split: Split, mean: tuple, std: tuple) -> dict:
@@ -397,7 +400,7 @@ def verdict(row: Row, raw: dict, target: Target) -> str:
 
 def format_table(rows: list[Row]) -> str:
     head = (f"{'method':30s} {'data':7s} {'steps':>6s} {'wall s':>6s} {'img/s':>7s} {'probe':>6s} {'k-NN':>6s} "
-            f"{'patch':>6s} {'gain':>6s} {'k-gain':>6s} {'p-err x':>7s} {'k-err x':>7s}  target")
+            f"{'patch':>6s} {'rank':>5s} {'gain':>6s} {'k-gain':>6s} {'p-err x':>7s} {'k-err x':>7s}  target")
     lines = [head, "-" * len(head)]
     for r in rows:
         steps = "-" if r.steps is None else str(r.steps)
@@ -410,8 +413,9 @@ def format_table(rows: list[Row]) -> str:
         else:
             extra = f"{'-':>6s} {'-':>6s} {'-':>7s} {'-':>7s}  -"
         patch = "-" if r.patch_knn is None else f"{r.patch_knn:.1f}"
+        rank = "-" if r.rank is None else f"{r.rank:.1f}"
         lines.append(f"{r.method:30s} {r.dataset:7s} {steps:>6s} {wall:>6s} {ips:>7s} {r.probe:6.1f} {r.knn:6.1f} "
-                     f"{patch:>6s} {extra}")
+                     f"{patch:>6s} {rank:>5s} {extra}")
     return "\n".join(lines)
 
 
@@ -453,6 +457,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         rows.append(row)
         print(f"  {row.method} on {row.dataset}: probe {row.probe:.1f}, k-NN {row.knn:.1f}"
               + (f", patch k-NN {row.patch_knn:.1f}" if row.patch_knn is not None else "")
+              + (f", rank {row.rank:.1f}" if row.rank is not None else "")
               + (f", {row.steps} steps in {row.wall_s:.0f} s, {row.images_per_s:.1f} img/s {row.verdict}"
                  if row.steps is not None else ""), flush=True)
         work.mkdir(parents=True, exist_ok=True)
@@ -466,7 +471,7 @@ def run(args: argparse.Namespace) -> list[Row]:
               f"{int(split.train_y.max()) + 1} classes", flush=True)
         demo_norm = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
         raw = raw_pixels(split, *demo_norm)
-        add(Row("raw pixels", dataset, raw["probe"], raw["knn"],
+        add(Row("raw pixels", dataset, raw["probe"], raw["knn"], rank=raw["rank"],
                 patch_knn=patch_knn(pixel_patches(BACKBONE_ARGS["patch_size"]), split, *demo_norm)))
         baselines: dict[str, dict] = {}
         for objective in args.objectives:
@@ -483,7 +488,8 @@ def run(args: argparse.Namespace) -> list[Row]:
             trained = ssl_vit.load_backbone(result["export"])
             scores = evaluate(backbone_features(trained), split, *norm)
             row = Row(objective, dataset, scores["probe"], scores["knn"], result["steps"], result["images_per_s"],
-                      result["wall_s"], baselines["ours"], patch_knn=patch_knn(backbone_patches(trained), split, *norm))
+                      result["wall_s"], baselines["ours"], patch_knn=patch_knn(backbone_patches(trained), split, *norm),
+                      rank=scores["rank"])
             row.verdict = verdict(row, raw, TARGETS[objective])
             cal = result["calibration"]
             print(f"  {objective}: calibration {cal['step_s']:.2f} s/step, {cal['fixed_s']:.0f} s fixed; "
@@ -502,7 +508,7 @@ def run(args: argparse.Namespace) -> list[Row]:
             result = budgeted_loop(build, args.budget, args.calib_steps)
             scores = evaluate(backbone_features_any(model()), split, *IMAGENET)
             row = Row(peer, dataset, scores["probe"], scores["knn"], result["steps"], result["images_per_s"],
-                      result["wall_s"], baseline)
+                      result["wall_s"], baseline, rank=scores["rank"])
             row.verdict = verdict(row, raw, PEER_TARGET)
             add(row)
     return rows

@@ -283,6 +283,7 @@ _FAMILIES: list[tuple[str, str, Callable[[str], bool]]] = [
     ("throughput", "images / s", lambda n: n in ("images_per_s", "clips_per_s", "samples_per_s")),
     ("k-NN accuracy", "top-1 (%)", lambda n: n.startswith("knn")),
     ("teacher collapse", "nats", lambda n: n in ("teacher_entropy", "kl_to_uniform")),
+    ("feature rank (dimensional collapse)", "effective rank", lambda n: n == "feature_rank"),
 ]
 
 

@@ -112,6 +112,20 @@ def teacher_collapse_stats(teacher_logits: torch.Tensor, center: torch.Tensor, t
     return torch.stack([entropy, kl])
 
 
+@torch.no_grad()
+def effective_rank(features: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """RankMe (Garrido et al. 2023, arXiv:2210.02885, eq. 1): exp of the entropy of the normalised
+    singular values of features (N, D), a 0-d float tensor in [1, min(N, D)].
+
+    The monitor of dimensional collapse: the features span fewer directions while the targets stay
+    sharp and spread, which `teacher_collapse_stats` does not see. A batch estimate is capped by N and
+    noisier than the paper's 25 600 samples; its fall from the run's own peak is what the monitor reads.
+    """
+    s = torch.linalg.svdvals(features.detach().float())
+    p = s / s.sum().clamp_min(1e-12) + eps
+    return torch.exp(-(p * p.log()).sum())
+
+
 def _started_centres_of_older_checkpoints(module: nn.Module, state_dict: dict, prefix: str, *_args) -> None:
     """A state dict written before the `*_started` flags of the centres existed holds centres that are running."""
     for name, buffer in module.named_buffers(recurse=False):
@@ -204,7 +218,8 @@ class Dino(Objective):
       epoch of 100, at least one step).
 
     `self.metrics` holds every step: loss, teacher_temp, momentum and the collapse monitor
-    `teacher_entropy` / `kl_to_uniform` (`teacher_collapse_stats`); `collapse_loss()` is ln K, the loss
+    `teacher_entropy` / `kl_to_uniform` (`teacher_collapse_stats`) and `feature_rank` (`effective_rank` of the
+    teacher's pooled features of the global crops); `collapse_loss()` is ln K, the loss
     of a uniform output.
     """
 
@@ -342,6 +357,7 @@ class Dino(Objective):
         with torch.no_grad():
             teacher = encode_views(self.teacher_backbone, views[:g])
         loss, metrics = self.compute_loss(student, teacher, views[0].shape[0])
+        metrics["feature_rank"] = effective_rank(teacher[0][1].pooled)  # the globals' pooled features
         names = ["loss", *metrics]
         values = torch.stack([loss.detach().float(), *(m.float() for m in metrics.values())]).tolist()  # one sync
         self.metrics = {**dict(zip(names, values)), "teacher_temp": self.teacher_temp, "momentum": self.momentum}

@@ -33,7 +33,7 @@ from torch import nn
 
 from ssl_vit import BackboneOutput, InputShapeError, register_objective
 
-from .dino import Dino, encode_views, teacher_collapse_stats, update_center_
+from .dino import Dino, effective_rank, encode_views, teacher_collapse_stats, update_center_
 from .ema import linear_warmup
 from .heads import DINOHead
 
@@ -225,7 +225,8 @@ class IBOT(Dino):
     `sinkhorn_iterations` 3; `koleo_weight` 0 (DINOv2: 0.1).
 
     `collapse_loss()` is ln K (the image-level loss of a uniform output). Metrics: loss, cls_loss,
-    patch_loss, koleo_loss, mask_ratio, the collapse monitor of the image-level targets, teacher_temp,
+    patch_loss, koleo_loss, mask_ratio, the collapse monitor of the image-level targets, feature_rank (the
+    teacher's pooled features of the global crops), teacher_temp,
     teacher_patch_temp, momentum.
     """
 
@@ -316,6 +317,7 @@ class IBOT(Dino):
         with torch.no_grad():
             teacher = self.teacher_backbone.forward_features(x)
         loss, metrics = self.compute_ibot_loss(student, local, teacher, mask.flatten(1), batch)
+        metrics["feature_rank"] = effective_rank(teacher.pooled)
         names = ["loss", *metrics]
         values = torch.stack([loss.detach().float(), *(m.float() for m in metrics.values())]).tolist()  # one sync
         self.metrics = {**dict(zip(names, values)), "teacher_temp": self.teacher_temp,

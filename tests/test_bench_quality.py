@@ -10,6 +10,7 @@ import pytest
 
 pytest.importorskip("sklearn")
 
+import ssl_vit
 from benchmarks import bench_quality  # noqa: E402
 
 
@@ -30,7 +31,11 @@ def test_quick_run_gives_finite_rows_and_distinct_baselines(tmp_path, monkeypatc
     # the two baselines are different read-outs, not one computed twice
     assert (raw.probe, raw.knn) != (rand.probe, rand.knn)
     assert mae.steps >= 1 and mae.images_per_s > 0 and mae.verdict in ("PASS", "MISS")
-    assert mae.baseline == {"probe": rand.probe, "knn": rand.knn}
+    assert mae.baseline == {"probe": rand.probe, "knn": rand.knn, "rank": rand.rank}
+    width = ssl_vit.create_backbone(bench_quality.QUICK_BACKBONE).embed_dim
+    for r in rows:  # RankMe of held-out features: between 1 and the feature width (raw pixels: 3 x 32 x 32)
+        assert 1.0 <= r.rank <= (3 * 32 * 32 if r is raw else width)
+    assert rand.rank != mae.rank
     probe_ratio, knn_ratio = mae.ratios()
     assert math.isfinite(probe_ratio) and math.isfinite(knn_ratio)
 

@@ -20,7 +20,7 @@ from backbones import ViT
 from launch.config import profile_objective_args
 from objectives import Dino, DistillWrapper, EsViTTrainer
 from objectives import esvit as esvit_module
-from objectives.dino import dino_loss, teacher_collapse_stats
+from objectives.dino import dino_loss, effective_rank, teacher_collapse_stats
 from objectives.ema import cosine_schedule, ema_update_, run_scaled_momentum
 from objectives.views import make_views
 
@@ -422,7 +422,8 @@ def test_metrics_hold_the_collapse_monitor_every_step():
         d = cls(tiny_vit(), **TINY).train()
         views = make_views(images(2), d.view_specs(), generator=torch.Generator().manual_seed(4))
         with torch.no_grad():
-            t = d.teacher["head"](d.teacher_backbone.forward_features(torch.cat(views[:2])).pooled)
+            pooled = d.teacher_backbone.forward_features(torch.cat(views[:2])).pooled
+            t = d.teacher["head"](pooled)
         center = d.center.clone()
         d(views)
         assert {"loss", "teacher_entropy", "kl_to_uniform", "teacher_temp", "momentum"} <= set(d.metrics)
@@ -430,6 +431,22 @@ def test_metrics_hold_the_collapse_monitor_every_step():
         want = teacher_collapse_stats(t, center, d.teacher_temp).tolist()
         assert [d.metrics["teacher_entropy"], d.metrics["kl_to_uniform"]] == pytest.approx(want, rel=1e-4, abs=1e-5)
         assert d.collapse_loss() == pytest.approx(math.log(d.num_prototypes))
+        assert d.metrics["feature_rank"] == pytest.approx(float(effective_rank(pooled)), rel=1e-4)
+
+
+def test_effective_rank_follows_rankme():
+    """exp(entropy of sigma / ||sigma||_1) (Garrido et al. 2023, eq. 1): r equal directions give r; one direction 1."""
+    basis = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(0)))[0]
+    for r in (1, 3, 8):
+        feats = torch.randn(64, r, generator=torch.Generator().manual_seed(r)) @ basis[:r]
+        u, _, vh = torch.linalg.svd(feats, full_matrices=False)
+        equal = u[:, :r] @ vh[:r] * 5.0  # the same span with r equal singular values
+        assert float(effective_rank(equal)) == pytest.approx(r, rel=1e-4)
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
+    s = torch.linalg.svdvals(x.double())
+    p = s / s.sum()
+    assert float(effective_rank(x)) == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-4)
+    assert float(effective_rank(x)) < 8 and float(effective_rank(x[:, :2].repeat(1, 4))) < 2.01
 
 
 def test_weight_decay_groups_follow_dino():

@@ -88,6 +88,23 @@ def test_collapse_monitor_sees_one_prototype_collapse():
     assert CollapseMonitor(trainer(None), window=1).level is None
 
 
+def test_collapse_monitor_sees_dimensional_collapse():
+    """Targets healthy and the loss falling, the features' effective rank falling to a tenth: one warning."""
+    level = math.log(256)
+    t = trainer(level, metrics={"teacher_entropy": 3.0, "kl_to_uniform": 0.5})
+    monitor = CollapseMonitor(t, window=5)
+    for step in range(60):
+        t.objective.metrics["feature_rank"] = 20.0 if step < 20 else 2.0
+        monitor.after_step(t, result(step, 3.0 - step / 100))
+    assert len(t.log.lines) == 1 and "effective rank" in t.log.lines[0] and "from 20.0" in t.log.lines[0]
+    steady = trainer(level, metrics={"teacher_entropy": 3.0, "kl_to_uniform": 0.5})
+    monitor = CollapseMonitor(steady, window=5)
+    for step in range(60):  # noisy, and down by half: no warning
+        steady.objective.metrics["feature_rank"] = (20.0 if step < 20 else 10.0) + (-1) ** step * 3
+        monitor.after_step(steady, result(step, 3.0))
+    assert not steady.log.lines
+
+
 @pytest.mark.parametrize("mode", ["global", "per_param"])
 def test_clipping_follows_its_formula(mode):
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
