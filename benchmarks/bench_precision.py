@@ -15,7 +15,10 @@ batch 4. Views are made from a uint8 batch outside autocast and outside the comp
 launcher makes them. Also printed: the measured matmul peak of this CPU at fp32 and bf16
 (`launch.throughput.peak_flops`) and each variant's MFU.
 
-Run: `.venv-bench/bin/python -m benchmarks.bench_precision [--rounds 3] [--no-compile] [--only mae|dino]`
+`--small`: the small regime of bench_mae_small / bench_dino_small instead (ViT-Ti/4 at 32 px, batch 64), where
+compiling takes a minute rather than a quarter of an hour on this CPU.
+
+Run: `.venv-bench/bin/python -m benchmarks.bench_precision [--rounds 3] [--no-compile] [--only mae|dino] [--small]`
 (`.venv/bin/python` works too: no peer is involved)
 """
 
@@ -56,6 +59,29 @@ def build_dino(batch: int):
     model = Dino(ssl_vit.create_backbone("vit_small_patch16"), image_size=224, local_crop_size=96,
                  num_local_crops=6, projection_hidden_size=2048, bottleneck_dim=256, num_classes_K=65536).train()
     return model, _uint8(batch), (0, 1000)
+
+
+def build_mae_small(batch: int):
+    """bench_mae_small's shapes: ViT-Ti/4 at 32 px, decoder 4 x 192."""
+    import ssl_vit
+    from objectives import MAE
+
+    torch.manual_seed(0)
+    model = MAE(ssl_vit.create_backbone("vit_tiny_patch16", image_size=32, patch_size=4), masking_ratio=0.75,
+                decoder_dim=192, decoder_depth=4, decoder_heads=3, decoder_dim_head=64, norm_pix_loss=True).train()
+    return model, _uint8(batch, 32), None
+
+
+def build_dino_small(batch: int):
+    """bench_dino_small's shapes: ViT-Ti/4, 2 x 32 + 6 x 16 px crops, head 2048 / 256 / 2048."""
+    import ssl_vit
+    from objectives import Dino
+
+    torch.manual_seed(0)
+    model = Dino(ssl_vit.create_backbone("vit_tiny_patch16", image_size=32, patch_size=4), image_size=32,
+                 local_crop_size=16, num_local_crops=6, projection_hidden_size=2048, bottleneck_dim=256,
+                 num_classes_K=2048).train()
+    return model, _uint8(batch, 32), (0, 1000)
 
 
 def variant(build, batch: int, bf16: bool, compiled: bool):
@@ -101,6 +127,8 @@ def main() -> None:
     parser.add_argument("--only", choices=("mae", "dino"), default=None)
     parser.add_argument("--mae-batch", type=int, default=8)
     parser.add_argument("--dino-batch", type=int, default=4)
+    parser.add_argument("--small", action="store_true",
+                        help="the small regime instead (ViT-Ti/4 at 32 px, batch 64: bench_{mae,dino}_small's shapes)")
     args = parser.parse_args()
     threads = args.threads or pick_threads()
     torch.set_num_threads(threads)
@@ -110,6 +138,9 @@ def main() -> None:
         print(f"peak {dtype}: {value / 1e9:.0f} GFLOP/s ({how})")
     workloads = {"mae": ("MAE ViT-S/16 224 px, decoder 8x512", build_mae, args.mae_batch),
                  "dino": ("DINO ViT-S/16 2x224+6x96, K=65536", build_dino, args.dino_batch)}
+    if args.small:
+        workloads = {"mae": ("MAE ViT-Ti/4 32 px, decoder 4x192", build_mae_small, 64),
+                     "dino": ("DINO ViT-Ti/4 2x32+6x16, K=2048", build_dino_small, 64)}
     for key, (title, build, batch) in workloads.items():
         if args.only and key != args.only:
             continue

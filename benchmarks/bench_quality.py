@@ -85,7 +85,7 @@ class Row:
     baseline: dict = field(default_factory=dict)  # random init's {"probe", "knn"} for this backbone
     verdict: str = ""
     patch_knn: float | None = None  # patch tokens against the image label map (`patch_knn`), percent
-    rank: float | None = None  # effective rank (RankMe) of the held-out pooled features: dimensional collapse
+    rank: float | None = None  # effective rank of the centred held-out pooled features: dimensional collapse
 
     def ratios(self) -> tuple[float, float]:
         """(probe error / random-init probe error, k-NN error / random-init k-NN error)."""
@@ -124,7 +124,7 @@ def backbone_features(backbone: torch.nn.Module) -> Callable[[torch.Tensor], tor
 
 def read_out(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor, val_y: torch.Tensor) -> dict:
     """{"probe": logistic-regression top-1, "knn": weighted k-NN top-1} in percent on the held-out split, and
-    "rank": the effective rank of the held-out features (RankMe, `objectives.dino.effective_rank`)."""
+    "rank": the effective rank of the centred held-out features (`objectives.dino.effective_rank`)."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler

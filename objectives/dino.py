@@ -114,14 +114,17 @@ def teacher_collapse_stats(teacher_logits: torch.Tensor, center: torch.Tensor, t
 
 @torch.no_grad()
 def effective_rank(features: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """RankMe (Garrido et al. 2023, arXiv:2210.02885, eq. 1): exp of the entropy of the normalised
-    singular values of features (N, D), a 0-d float tensor in [1, min(N, D)].
+    """Effective rank (Roy and Vetterli 2007; RankMe, Garrido et al. 2023, eq. 1) of the centred features
+    (N, D): exp of the entropy of their normalised singular values, a 0-d float tensor in [1, min(N - 1, D)].
 
-    The monitor of dimensional collapse: the features span fewer directions while the targets stay
-    sharp and spread, which `teacher_collapse_stats` does not see. A batch estimate is capped by N and
-    noisier than the paper's 25 600 samples; its fall from the run's own peak is what the monitor reads.
+    The monitor of dimensional collapse (Jing et al. 2022, arXiv:2110.09348): the features' spread shrinks
+    to a few directions while the targets stay sharp and spread, which `teacher_collapse_stats` does not
+    see. Centred, unlike RankMe, because a ViT's pooled features share a large common component (at random
+    init it alone makes the uncentred rank ~4 of 192 on the digits); the spread around it is what collapses.
+    A batch estimate is capped by N; its fall from the run's own peak is what the monitor reads.
     """
-    s = torch.linalg.svdvals(features.detach().float())
+    x = features.detach().float()
+    s = torch.linalg.svdvals(x - x.mean(0))
     p = s / s.sum().clamp_min(1e-12) + eps
     return torch.exp(-(p * p.log()).sum())
 
@@ -219,7 +222,7 @@ class Dino(Objective):
 
     `self.metrics` holds every step: loss, teacher_temp, momentum and the collapse monitor
     `teacher_entropy` / `kl_to_uniform` (`teacher_collapse_stats`) and `feature_rank` (`effective_rank` of the
-    teacher's pooled features of the global crops); `collapse_loss()` is ln K, the loss
+    teacher's centred pooled features of the global crops); `collapse_loss()` is ln K, the loss
     of a uniform output.
     """
 

@@ -33,7 +33,7 @@ def test_quick_run_gives_finite_rows_and_distinct_baselines(tmp_path, monkeypatc
     assert mae.steps >= 1 and mae.images_per_s > 0 and mae.verdict in ("PASS", "MISS")
     assert mae.baseline == {"probe": rand.probe, "knn": rand.knn, "rank": rand.rank}
     width = ssl_vit.create_backbone(bench_quality.QUICK_BACKBONE).embed_dim
-    for r in rows:  # RankMe of held-out features: between 1 and the feature width (raw pixels: 3 x 32 x 32)
+    for r in rows:  # effective rank of the held-out features: between 1 and the feature width (raw pixels: 3 x 32 x 32)
         assert 1.0 <= r.rank <= (3 * 32 * 32 if r is raw else width)
     assert rand.rank != mae.rank
     probe_ratio, knn_ratio = mae.ratios()

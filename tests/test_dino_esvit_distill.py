@@ -434,16 +434,19 @@ def test_metrics_hold_the_collapse_monitor_every_step():
         assert d.metrics["feature_rank"] == pytest.approx(float(effective_rank(pooled)), rel=1e-4)
 
 
-def test_effective_rank_follows_rankme():
-    """exp(entropy of sigma / ||sigma||_1) (Garrido et al. 2023, eq. 1): r equal directions give r; one direction 1."""
+def test_effective_rank_follows_its_formula():
+    """exp(entropy of sigma / ||sigma||_1) of the centred features: r equal directions give r, a common offset
+    changes nothing."""
     basis = torch.linalg.qr(torch.randn(16, 16, generator=torch.Generator().manual_seed(0)))[0]
     for r in (1, 3, 8):
         feats = torch.randn(64, r, generator=torch.Generator().manual_seed(r)) @ basis[:r]
+        feats = feats - feats.mean(0)
         u, _, vh = torch.linalg.svd(feats, full_matrices=False)
-        equal = u[:, :r] @ vh[:r] * 5.0  # the same span with r equal singular values
+        equal = u[:, :r] @ vh[:r] * 5.0  # the same centred span with r equal singular values
         assert float(effective_rank(equal)) == pytest.approx(r, rel=1e-4)
-    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1))
-    s = torch.linalg.svdvals(x.double())
+        assert float(effective_rank(equal + 100.0 * basis[15])) == pytest.approx(r, rel=1e-3)
+    x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1)).double()
+    s = torch.linalg.svdvals(x - x.mean(0))
     p = s / s.sum()
     assert float(effective_rank(x)) == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-4)
     assert float(effective_rank(x)) < 8 and float(effective_rank(x[:, :2].repeat(1, 4))) < 2.01

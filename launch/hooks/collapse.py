@@ -7,7 +7,7 @@ consecutive steps (the loss within 1 % of ln K, the entropy above 95 % of it, or
 
 A third collapse leaves the targets sharp and spread and the loss falling: dimensional collapse, where the
 backbone's features shrink to a few directions (Jing et al. 2022, arXiv:2110.09348). The objective's
-`feature_rank` metric (RankMe, `objectives.dino.effective_rank` of the teacher's pooled features) shows it;
+`feature_rank` metric (`objectives.dino.effective_rank` of the teacher's centred pooled features) shows it;
 the monitor smooths it over `window` steps and warns once when it falls below `rank_fraction` of the run's
 smoothed peak. The metrics themselves are logged with every record by the metrics hook.
 """
