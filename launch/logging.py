@@ -124,7 +124,10 @@ def summary_lines(trainer: Any) -> list[str]:
         f"lr {o.lr} x ({trainer.global_batch}/{o.base_batch}) [{o.lr_scaling}] = {trainer.peak_lr:.3g}, warm-up "
         f"{trainer.warmup} steps, cosine to {o.min_lr}; weight decay {o.weight_decay} -> {o.weight_decay_end}; "
         f"clipping {o.clip_grad or 'off'} ({o.clip_mode})",
-        f"steps {trainer.start} -> {trainer.stop} of {trainer.total}, mixed precision {trainer.strategy.precision}, "
+        f"steps {trainer.start} -> {trainer.stop} of {trainer.total}, mixed precision {trainer.strategy.precision}"
+        + (" (auto: this CPU computes bf16 natively; --set train.mixed_precision=no for fp32)"
+           if cfg.train.mixed_precision == "auto" and trainer.strategy.precision == "bf16" and acc.device.type == "cpu"
+           else "") + ", "
         f"device {acc.device}, out {plan.out}" + (f", resumed from {plan.resume}" if plan.resume else ""),
         f"strategy {trainer.strategy.describe()}",
     ]

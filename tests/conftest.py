@@ -10,6 +10,10 @@ import torch
 import ssl_vit
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Launcher runs in the tests compute in fp32 (what their exactness and parity checks compare) whatever the CPU:
+# `mixed_precision: auto` would pick bf16 on CPUs with native bf16. The bf16 path has its own tests
+# (test_precision.py), which remove this.
+os.environ.setdefault("ACCELERATE_MIXED_PRECISION", "no")
 
 
 def tiny_backbones() -> list[str]:

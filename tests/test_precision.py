@@ -92,3 +92,45 @@ def test_backbone_forward_compiles_without_graph_breaks():
         explanation = torch._dynamo.explain(backbone.forward_features)(x, **kwargs)
         assert explanation.graph_break_count == 0, explanation.break_reasons
         assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("native, cuda, env, want", [(True, False, None, "bf16"), (False, False, None, "no"),
+                                                     (True, False, "no", None), (True, True, None, "no")])
+def test_auto_precision_picks_bf16_where_the_cpu_has_it(monkeypatch, native, cuda, env, want):
+    """auto: bf16 on a CPU with native bf16; what accelerate was told when it was told; the GPU's own rule."""
+    from types import SimpleNamespace
+
+    import launch.build as build_module
+
+    monkeypatch.setattr(build_module, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    if env is None:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", env)
+    cfg = SimpleNamespace(train=SimpleNamespace(mixed_precision="auto"))
+    assert build_module.resolve_precision(cfg) == want
+    cfg.train.mixed_precision = "no"
+    assert build_module.resolve_precision(cfg) == "no"
+
+
+def test_a_launcher_run_under_auto_on_a_bf16_cpu_says_so(tmp_path, monkeypatch, capsys):
+    """The launcher trains two steps under CPU bf16 autocast when `auto` picks it, and the summary says why."""
+    import json
+
+    import launch.build as build_module
+
+    from .test_launch_run import run
+
+    monkeypatch.setattr(build_module, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    out = tmp_path / "run"
+    assert run(["--objective", "dino", "--backbone", "vit", "--steps", "2", "--out", str(out), "--set",
+                "data.batch_size=4", "--set", "data.num_workers=0", "--set", "train.val_batches=0",
+                "--set", "train.log_every=1", "--set", f"data.cache={tmp_path / 'c'}"]) == 0
+    said = capsys.readouterr()
+    assert "mixed precision bf16 (auto: this CPU computes bf16 natively" in said.out + said.err
+    losses = [json.loads(line)["train/loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+              if "train/loss" in line]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)

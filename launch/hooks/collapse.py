@@ -8,8 +8,8 @@ consecutive steps (the loss within 1 % of ln K, the entropy above 95 % of it, or
 A third collapse leaves the targets sharp and spread and the loss falling: dimensional collapse, where the
 backbone's features shrink to a few directions (Jing et al. 2022, arXiv:2110.09348). The objective's
 `feature_rank` metric (`objectives.dino.effective_rank` of the teacher's centred pooled features) shows it;
-the monitor smooths it over `window` steps and warns once when it falls below `rank_fraction` of the run's
-smoothed peak. The metrics themselves are logged with every record by the metrics hook.
+the monitor smooths it over `rank_smoothing` steps (an EMA) and warns once when it falls below `rank_fraction`
+of the run's smoothed peak. The metrics themselves are logged with every record by the metrics hook.
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ from .base import Hook, StepResult
 
 class CollapseMonitor(Hook):
     def __init__(self, trainer: Any, window: int | None = None, tolerance: float = 0.01,
-                 rank_fraction: float = 0.25) -> None:
+                 rank_fraction: float = 0.25, rank_smoothing: int = 10) -> None:
         self.level = trainer.objective.collapse_loss()
         # default: a fifth of the run, between 10 and 50 steps (a few early steps near ln K are normal)
         self.window = window if window is not None else max(10, min(50, trainer.cfg.train.steps // 5))
         self.tolerance = tolerance
-        self.rank_fraction = rank_fraction
+        self.rank_fraction, self.rank_smoothing = rank_fraction, rank_smoothing
         self.near = 0
         self.warned = False
-        self.rank: float | None = None  # feature_rank smoothed over about `window` steps
+        self.rank: float | None = None  # feature_rank smoothed over about `rank_smoothing` steps
         self.rank_peak = 0.0
         self.rank_warned = False
 
@@ -60,11 +60,11 @@ class CollapseMonitor(Hook):
     def watch_rank(self, trainer: Any, result: StepResult, rank: float) -> None:
         if not math.isfinite(rank):
             return
-        self.rank = rank if self.rank is None else self.rank + (rank - self.rank) / self.window
+        self.rank = rank if self.rank is None else self.rank + (rank - self.rank) / self.rank_smoothing
         self.rank_peak = max(self.rank_peak, self.rank)
         if self.rank < self.rank_fraction * self.rank_peak and not self.rank_warned:
             self.rank_warned = True
             trainer.log.print(f"warning: step {result.done}: the effective rank of the teacher's features fell to "
-                              f"{self.rank:.1f} from {self.rank_peak:.1f} (smoothed over {self.window} steps): "
-                              "dimensional collapse, which the loss and the targets do not show; a lower lr "
+                              f"{self.rank:.1f} from {self.rank_peak:.1f} (smoothed over {self.rank_smoothing} steps): "
+                              "dimensional collapse, which the loss and the targets need not show; a lower lr "
                               "usually helps; see feature_rank in metrics.jsonl and docs/recipes.md")
