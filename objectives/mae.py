@@ -21,7 +21,16 @@ from torch import Tensor, nn
 from ssl_vit import MASK_TOKEN, TOKEN_DROP, InputShapeError, Objective, ViewSpec, register_objective
 from ssl_vit.embed import LearnedPosEmbed, SinCosPosEmbed
 from ssl_vit.layers import Transformer
-from ssl_vit.masking import draw_mask, gather_tokens, hide_pixels, mask_to_keep, patchify, scatter_tokens, unpatchify
+from ssl_vit.masking import (
+    draw_mask,
+    drawn_hidden,
+    gather_tokens,
+    hide_pixels,
+    mask_to_keep,
+    patchify,
+    scatter_tokens,
+    unpatchify,
+)
 
 from .losses import as_unit, pixel_targets, unnormalize_patches
 from .pooling import with_pool
@@ -149,9 +158,10 @@ class MAE(Objective):
         hidden_only: predictions (B, M, ...) of the hidden cells only, and their indices (B, M)."""
         grid = self.encoder.mask_grid(x.shape[2:])
         mask = draw_mask(x.shape[0], grid, self.masking_ratio, x.device, generator)
-        hidden = mask_to_keep(~mask) if hidden_only else None
+        n_hidden = drawn_hidden(grid, self.masking_ratio)  # known, so the mask is not read on the host
+        hidden = mask_to_keep(~mask, n_hidden) if hidden_only else None
         if self.token_drop:
-            keep = mask_to_keep(mask)
+            keep = mask_to_keep(mask, math.prod(grid) - n_hidden)
             out = self.encoder.forward_features(x, keep=keep)
             pred = self.decoder(out.patch_tokens, out.prefix_tokens, grid, keep, hidden)
         else:
@@ -168,7 +178,8 @@ class MAE(Objective):
         pred, mask, hidden = self._predict(x, hidden_only=True)
         # every sample hides the same number of cells, so the mean over (B, M) is the masked mean
         loss = (pred - pixel_targets(x, self.unit, self.norm_pix_loss, index=hidden)).square().mean()
-        self.metrics = {"loss": float(loss.detach()), "mask_ratio": float(mask.float().mean())}
+        # the hidden share from shapes, not from the mask: one host sync per step (the loss), not two
+        self.metrics = {"loss": float(loss.detach()), "mask_ratio": hidden.shape[1] / mask[0].numel()}
         return loss
 
     @torch.no_grad()

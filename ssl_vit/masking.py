@@ -157,26 +157,37 @@ def draw_mask(
         raise InputShapeError(f"masking needs a mask grid of at least 2 cells, got {grid}")
     if len(grid) == 3 and tube:
         t, h, w = grid
-        cells = h * w
-        hidden = num_hidden(cells, ratio, rounding) if cells >= 2 else 0
-        spatial = _rank_mask(batch, cells, hidden, generator, device).view(batch, 1, h, w)
-        return spatial.expand(batch, t, h, w).contiguous()
-    return _rank_mask(batch, n, num_hidden(n, ratio, rounding), generator, device).view(batch, *grid)
+        spatial = _rank_mask(batch, h * w, drawn_hidden(grid, ratio, tube, rounding) // t, generator, device)
+        return spatial.view(batch, 1, h, w).expand(batch, t, h, w).contiguous()
+    return _rank_mask(batch, n, drawn_hidden(grid, ratio, tube, rounding), generator, device).view(batch, *grid)
 
 
-def mask_to_keep(mask: torch.Tensor) -> torch.Tensor:
+def drawn_hidden(grid: Grid, ratio: float, tube: bool = True, rounding: str = "nearest") -> int:
+    """The cells per sample that `draw_mask(batch, grid, ratio, tube=tube, rounding=rounding)` hides."""
+    grid = tuple(int(g) for g in grid)
+    if len(grid) == 3 and tube:
+        t, h, w = grid
+        return t * (num_hidden(h * w, ratio, rounding) if h * w >= 2 else 0)
+    return num_hidden(math.prod(grid), ratio, rounding)
+
+
+def mask_to_keep(mask: torch.Tensor, visible: int | None = None) -> torch.Tensor:
     """Indices of the visible cells, (B, *grid) bool -> (B, K) long, ascending.
 
-    Every sample must show the same number of cells, or the result would be ragged.
+    Every sample must show the same number of cells, or the result would be ragged. `visible`: that
+    number where the caller knows it (a `draw_mask` mask: N - `drawn_hidden(...)`); then the mask is not
+    read on the host, so a compiled step keeps one graph here and a GPU step does not wait.
     """
     flat = mask.flatten(1)
-    visible = (~flat).sum(1)
-    if visible.numel() and not bool((visible == visible[0]).all()):
-        raise ValueError(
-            "every sample of a mask must hide the same number of cells to build `keep`; "
-            f"got visible counts from {int(visible.min())} to {int(visible.max())}"
-        )
-    k = int(visible[0]) if visible.numel() else 0
+    if visible is None:
+        counts = (~flat).sum(1)
+        if counts.numel() and not bool((counts == counts[0]).all()):
+            raise ValueError(
+                "every sample of a mask must hide the same number of cells to build `keep`; "
+                f"got visible counts from {int(counts.min())} to {int(counts.max())}"
+            )
+        visible = int(counts[0]) if counts.numel() else 0
+    k = visible
     # A stable sort puts visible (False) cells first, in their original order.
     return flat.to(torch.uint8).argsort(dim=1, stable=True)[:, :k]
 

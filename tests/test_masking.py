@@ -53,6 +53,19 @@ def test_mask_keep_round_trip():
     assert torch.equal(masking.keep_to_mask(keep, (5, 6)), m)
 
 
+@pytest.mark.parametrize("grid, ratio, tube, rounding", [
+    ((8, 8), 0.75, True, "nearest"), ((5, 6), 0.6, True, "ceil"), ((2, 4, 4), 0.9, True, "nearest"),
+    ((2, 4, 4), 0.5, False, "nearest"), ((3, 1, 1), 0.5, True, "nearest")])
+def test_drawn_hidden_is_what_draw_mask_hides(grid, ratio, tube, rounding):
+    """The count is known without reading the mask; mask_to_keep given it gives what it finds itself."""
+    m = masking.draw_mask(3, grid, ratio, tube=tube, rounding=rounding, generator=torch.Generator().manual_seed(0))
+    hidden = masking.drawn_hidden(grid, ratio, tube, rounding)
+    assert m.flatten(1).sum(1).tolist() == [hidden] * 3
+    n = m[0].numel()
+    assert torch.equal(masking.mask_to_keep(m, n - hidden), masking.mask_to_keep(m))
+    assert torch.equal(masking.mask_to_keep(~m, hidden), masking.mask_to_keep(~m))
+
+
 def test_mask_to_keep_refuses_ragged_masks():
     m = torch.zeros(2, 2, 2, dtype=torch.bool)
     m[0, 0, 0] = True
