@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -126,8 +127,8 @@ def summary_lines(trainer: Any) -> list[str]:
         f"clipping {o.clip_grad or 'off'} ({o.clip_mode})",
         f"steps {trainer.start} -> {trainer.stop} of {trainer.total}, mixed precision {trainer.strategy.precision}"
         + (" (auto: this CPU computes bf16 natively; --set train.mixed_precision=no for fp32)"
-           if cfg.train.mixed_precision == "auto" and trainer.strategy.precision == "bf16" and acc.device.type == "cpu"
-           else "") + ", "
+           if trainer.strategy.precision == "bf16" and acc.device.type == "cpu" and cfg.train.mixed_precision == "auto"
+           and not os.environ.get("ACCELERATE_MIXED_PRECISION") else "") + ", "
         f"device {acc.device}, out {plan.out}" + (f", resumed from {plan.resume}" if plan.resume else ""),
         f"strategy {trainer.strategy.describe()}",
     ]

@@ -143,6 +143,12 @@ def test_a_launcher_run_under_auto_on_a_bf16_cpu_says_so(tmp_path, monkeypatch, 
                 "--set", "train.log_every=1", "--set", f"data.cache={tmp_path / 'c'}"]) == 0
     said = capsys.readouterr()
     assert "mixed precision bf16 (auto: this CPU computes bf16 natively" in said.out + said.err
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # `accelerate launch --mixed_precision bf16` chose it
+    assert run(["--objective", "dino", "--backbone", "vit", "--steps", "1", "--out", str(tmp_path / "told"), "--set",
+                "data.batch_size=4", "--set", "data.num_workers=0", "--set", "train.val_batches=0",
+                "--set", f"data.cache={tmp_path / 'c'}"]) == 0
+    said = capsys.readouterr()
+    assert "mixed precision bf16, device cpu" in said.out + said.err
     losses = [json.loads(line)["train/loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
               if "train/loss" in line]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
