@@ -62,26 +62,30 @@ def build_dino(batch: int):
 
 
 def build_mae_small(batch: int):
-    """bench_mae_small's shapes: ViT-Ti/4 at 32 px, decoder 4 x 192."""
+    """bench_mae_small's shapes (its constants): ViT-Ti/4 at 32 px, decoder 4 x 192."""
     import ssl_vit
+    from benchmarks import bench_mae_small as s
     from objectives import MAE
 
     torch.manual_seed(0)
-    model = MAE(ssl_vit.create_backbone("vit_tiny_patch16", image_size=32, patch_size=4), masking_ratio=0.75,
-                decoder_dim=192, decoder_depth=4, decoder_heads=3, decoder_dim_head=64, norm_pix_loss=True).train()
-    return model, _uint8(batch, 32), None
+    model = MAE(ssl_vit.create_backbone("vit_tiny_patch16", image_size=s.SIZE, patch_size=s.PATCH),
+                masking_ratio=s.MASK_RATIO, decoder_dim=s.DECODER_DIM, decoder_depth=s.DECODER_DEPTH,
+                decoder_heads=s.DECODER_HEADS, decoder_dim_head=s.DECODER_DIM // s.DECODER_HEADS,
+                norm_pix_loss=True).train()
+    return model, _uint8(batch, s.SIZE), None
 
 
 def build_dino_small(batch: int):
-    """bench_dino_small's shapes: ViT-Ti/4, 2 x 32 + 6 x 16 px crops, head 2048 / 256 / 2048."""
+    """bench_dino_small's shapes (its constants): ViT-Ti/4, 2 x 32 + 6 x 16 px crops, head 2048 / 256 / 2048."""
     import ssl_vit
+    from benchmarks import bench_dino_small as s
     from objectives import Dino
 
     torch.manual_seed(0)
-    model = Dino(ssl_vit.create_backbone("vit_tiny_patch16", image_size=32, patch_size=4), image_size=32,
-                 local_crop_size=16, num_local_crops=6, projection_hidden_size=2048, bottleneck_dim=256,
-                 num_classes_K=2048).train()
-    return model, _uint8(batch, 32), (0, 1000)
+    model = Dino(ssl_vit.create_backbone("vit_tiny_patch16", image_size=s.GLOBAL, patch_size=s.PATCH),
+                 image_size=s.GLOBAL, local_crop_size=s.LOCAL, num_local_crops=s.NUM_LOCAL,
+                 projection_hidden_size=s.HIDDEN, bottleneck_dim=s.BOTTLENECK, num_classes_K=s.K).train()
+    return model, _uint8(batch, s.SIZE), (0, s.TOTAL_STEPS)
 
 
 def variant(build, batch: int, bf16: bool, compiled: bool):

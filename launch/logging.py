@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Mapping
@@ -18,6 +17,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ssl_vit.files import atomic_write_text
+
+from .build import resolve_precision
 
 METRICS = "metrics.jsonl"
 
@@ -127,8 +128,8 @@ def summary_lines(trainer: Any) -> list[str]:
         f"clipping {o.clip_grad or 'off'} ({o.clip_mode})",
         f"steps {trainer.start} -> {trainer.stop} of {trainer.total}, mixed precision {trainer.strategy.precision}"
         + (" (auto: this CPU computes bf16 natively; --set train.mixed_precision=no for fp32)"
-           if trainer.strategy.precision == "bf16" and acc.device.type == "cpu" and cfg.train.mixed_precision == "auto"
-           and not os.environ.get("ACCELERATE_MIXED_PRECISION") else "") + ", "
+           if cfg.train.mixed_precision == "auto" and resolve_precision(cfg) == "bf16" and acc.device.type == "cpu"
+           else "") + ", "
         f"device {acc.device}, out {plan.out}" + (f", resumed from {plan.resume}" if plan.resume else ""),
         f"strategy {trainer.strategy.describe()}",
     ]

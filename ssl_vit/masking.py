@@ -187,9 +187,8 @@ def mask_to_keep(mask: torch.Tensor, visible: int | None = None) -> torch.Tensor
                 f"got visible counts from {int(counts.min())} to {int(counts.max())}"
             )
         visible = int(counts[0]) if counts.numel() else 0
-    k = visible
     # A stable sort puts visible (False) cells first, in their original order.
-    return flat.to(torch.uint8).argsort(dim=1, stable=True)[:, :k]
+    return flat.to(torch.uint8).argsort(dim=1, stable=True)[:, :visible]
 
 
 def keep_to_mask(keep: torch.Tensor, grid: Grid) -> torch.Tensor:
