@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 from pathlib import Path
 
@@ -101,6 +102,11 @@ def _worker(rank: int, port: int, folder: str, checkpointing: bool) -> None:
             torch.save({"straight": straight, "resumed": resumed}, Path(folder).parent / "losses.pt")
     finally:
         dist.destroy_process_group()
+    # DTensor's sharding caches keep the device mesh, and with it gloo's threads, alive past
+    # destroy_process_group; interpreter finalisation then aborts the process now and then ("terminate called
+    # without an active exception") after all the work above is done. Leave as launch.cli.exit_process does.
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _reference() -> list[float]:
