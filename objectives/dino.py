@@ -136,6 +136,9 @@ def _started_centres_of_older_checkpoints(module: nn.Module, state_dict: dict, p
             state_dict[prefix + name] = torch.ones_like(buffer)
 
 
+DINO_GLOBAL_SIZE, DINO_LOCAL_SIZE = 224, 96  # the crop sides DINO's recipe is stated for
+
+
 def scaled_size(size: Sequence[int], numerator: int, denominator: int, multiple: int) -> tuple[int, ...]:
     """size * numerator / denominator, each side rounded to a multiple of `multiple` (at least one)."""
     return tuple(max(multiple, int(round(s * numerator / denominator / multiple)) * multiple) for s in size)
@@ -151,8 +154,13 @@ def dino_view_specs(global_size: tuple[int, int], local_size: tuple[int, int], n
     contrast jitter, blur and solarize change little but what a random teacher's output depends on most).
 
     frames: video: every view samples this many frames of the clip on its own (ViewSpec.frames), with
-    one spatial crop for all its frames (as in SVT, Ranasinghe et al. 2022)."""
-    common = dict(hflip=0.5, color_jitter=0.8, jitter=(0.4, 0.4, 0.2, 0.1), grayscale=0.2, blur_sigma=(0.1, 2.0),
+    one spatial crop for all its frames (as in SVT, Ranasinghe et al. 2022).
+
+    The blur's sigma, 0.1-2.0 px for 224 px global crops in DINO (`GaussianBlur(radius_min=0.1,
+    radius_max=2.)`, as BYOL's), scales with the global crop: 0.014-0.29 px at 32 px. Unscaled, a 2 px blur
+    on a 32 px view is a 14 px one at 224 and erases strokes and edges a few pixels wide."""
+    blur_sigma = tuple(s * min(global_size) / DINO_GLOBAL_SIZE for s in (0.1, 2.0))
+    common = dict(hflip=0.5, color_jitter=0.8, jitter=(0.4, 0.4, 0.2, 0.1), grayscale=0.2, blur_sigma=blur_sigma,
                   frames=frames)
     if not photometric:
         common.update(color_jitter=0.0, grayscale=0.0)
@@ -274,7 +282,7 @@ class Dino(Objective):
         net.check_size(self.global_size)
         m = net.size_multiple
         if local_crop_size is None:  # 96 px at 224 px, scaled and rounded to what the backbone accepts
-            self.local_size = scaled_size(self.global_size, 96, 224, m)
+            self.local_size = scaled_size(self.global_size, DINO_LOCAL_SIZE, DINO_GLOBAL_SIZE, m)
         else:
             self.local_size = ((local_crop_size, local_crop_size) if isinstance(local_crop_size, int)
                                else tuple(local_crop_size))

@@ -20,7 +20,7 @@ from backbones import ViT
 from launch.config import profile_objective_args
 from objectives import Dino, DistillWrapper, EsViTTrainer
 from objectives import esvit as esvit_module
-from objectives.dino import dino_loss, effective_rank, teacher_collapse_stats
+from objectives.dino import dino_loss, dino_view_specs, effective_rank, teacher_collapse_stats
 from objectives.ema import cosine_schedule, ema_update_, run_scaled_momentum
 from objectives.views import make_views
 
@@ -514,3 +514,11 @@ def test_bn_head_uses_batch_statistics_in_student_and_teacher():
     assert torch.isfinite(loss) and bns[0].weight.grad is not None
     d.eval()
     assert all(not m.training for m in teacher_bns)
+
+
+def test_dino_blur_sigma_is_the_references_at_224_px_and_scales_with_the_global_crop():
+    for spec in dino_view_specs((224, 224), (96, 96), 2):
+        assert spec.blur_sigma == pytest.approx((0.1, 2.0))  # DINO's GaussianBlur(radius_min=0.1, radius_max=2.)
+    blurs = {spec.name: (spec.blur, spec.blur_sigma) for spec in dino_view_specs((32, 32), (12, 12), 2)}
+    assert blurs["global_1"] == (1.0, pytest.approx((0.1 * 32 / 224, 2.0 * 32 / 224)))
+    assert blurs["local"][1] == blurs["global_1"][1]  # as in DINO: one sigma range for every crop
