@@ -132,6 +132,8 @@ class ViT(_TimmLayout, TokenBackbone):
     `image_size`/`patch_size` may be (H, W) pairs; any size divisible by the patch works.
     `transformer=module` plugs in another transformer over (B, L, dim) (e.g. Nystromformer).
     `num_registers`: register tokens after the class token (Darcet et al. 2024), never pooled.
+    `pos_init_std`: std of the learned positions at initialisation (0.02 as in ViT and DINO; on small images
+    that drowns position in patch content at random init, docs/recipes.md "Positions at initialisation").
     """
 
     def __init__(
@@ -155,11 +157,12 @@ class ViT(_TimmLayout, TokenBackbone):
         drop_path: float = 0.0,
         layer_scale: float | None = None,
         num_registers: int = 0,
+        pos_init_std: float = 0.02,
     ) -> None:
         super().__init__()
         self.build_tokens(image_size=image_size, patch_size=patch_size, dim=dim, channels=channels,
                           pos="learned", num_cls_tokens=1, pool=pool, emb_dropout=emb_dropout,
-                          num_classes=num_classes, num_registers=num_registers)
+                          num_classes=num_classes, num_registers=num_registers, pos_init_std=pos_init_std)
         if transformer is None:
             if depth is None or heads is None or mlp_dim is None:
                 raise ValueError("ViT needs depth, heads and mlp_dim (or a `transformer` module)")

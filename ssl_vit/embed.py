@@ -121,14 +121,15 @@ def resample_grid(pos: torch.Tensor, old: Sequence[int], new: Sequence[int]) -> 
 class LearnedPosEmbed(nn.Module):
     """Learned positions for a base grid, resampled to any other: grid -> (1, N, D).
 
-    `weight` is (1, prod(grid), D), initialised with a truncated normal (std 0.02) as in ViT.
+    `weight` is (1, prod(grid), D), initialised with a normal of std `init_std` cut at +-2 (timm's
+    `trunc_normal_`); 0.02 as in ViT, timm and DINO.
     """
 
-    def __init__(self, grid: Sequence[int], dim: int) -> None:
+    def __init__(self, grid: Sequence[int], dim: int, init_std: float = 0.02) -> None:
         super().__init__()
         self.grid = tuple(int(g) for g in grid)
         self.weight = nn.Parameter(torch.zeros(1, math.prod(self.grid), dim))
-        trunc_normal_(self.weight, std=0.02)
+        trunc_normal_(self.weight, std=init_std)
 
     def forward(
         self, grid: Sequence[int], device: torch.device | None = None, dtype: torch.dtype | None = None

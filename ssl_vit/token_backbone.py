@@ -62,14 +62,18 @@ class TokenBackbone(Backbone):
         frames: int | None = None,
         frame_patch_size: int | None = None,
         num_registers: int = 0,
+        pos_init_std: float = 0.02,
     ) -> None:
         """Patch embedding, positions, class, register and mask tokens, head.
 
         With `frames` and `frame_patch_size` the backbone takes video (B, C, T, H, W) and its
         grid is (t, h, w) of tubelets (Arnab et al. 2021). `num_registers` learned register tokens
         `reg_token` (1, num_registers, D) follow the class tokens (Darcet et al. 2024); they get no
-        position and are initialised N(0, 1e-6) as in timm.
+        position and are initialised N(0, 1e-6) as in timm. `pos_init_std` is the std of learned positions at
+        initialisation (docs/recipes.md, "Positions at initialisation").
         """
+        if isinstance(pos_init_std, bool) or not isinstance(pos_init_std, (int, float)) or not pos_init_std > 0:
+            raise BadArgument(f"pos_init_std must be a number > 0, got {pos_init_std!r}")
         if isinstance(num_registers, bool) or not isinstance(num_registers, int) or num_registers < 0:
             raise BadArgument(f"num_registers must be an integer >= 0, got {num_registers!r}")
         if pool not in ("cls", "mean"):
@@ -99,7 +103,7 @@ class TokenBackbone(Backbone):
         self.pos = pos
         base_grid = tuple(s // p for s, p in zip(image_size, patch_size))
         if pos == "learned":
-            self.pos_embed = LearnedPosEmbed(base_grid, dim)
+            self.pos_embed = LearnedPosEmbed(base_grid, dim, float(pos_init_std))
             # Class tokens get their own learned positions (timm keeps them in one table).
             self.prefix_pos = nn.Parameter(torch.zeros(1, num_cls_tokens, dim)) if num_cls_tokens else None
         elif pos == "sincos":

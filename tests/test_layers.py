@@ -103,6 +103,18 @@ def test_learned_pos_embed_resamples():
     torch.testing.assert_close(pe((8, 6)), torch.full((1, 48, 8), 0.5))
 
 
+def test_vit_pos_init_std_sets_the_positions_spread_and_is_checked():
+    import ssl_vit
+
+    default = ssl_vit.create_backbone("vit_tiny").pos_embed.weight
+    wide = ssl_vit.create_backbone("vit_tiny", pos_init_std=1.0).pos_embed.weight
+    assert abs(default.std().item() - 0.02) < 0.004
+    assert 0.8 < wide.std().item() < 1.0 and wide.abs().max().item() <= 2.0  # cut at +-2, as timm's trunc_normal_
+    for bad in (0, -1.0, "1", True):
+        with pytest.raises(ssl_vit.SslVitError, match="pos_init_std"):
+            ssl_vit.create_backbone("vit_tiny", pos_init_std=bad)
+
+
 def test_patch_embed_equals_linear_on_patches():
     pe = embed.PatchEmbed((4, 2), 3, 5)
     x = torch.randn(2, 3, 8, 6)
