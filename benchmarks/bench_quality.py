@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 from benchmarks.quality_data import DATASETS, dataset_shards, load_split
 
@@ -431,7 +432,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="smoke test: 10 s budget, vit_tiny, 2 calibration steps, a subset of the data")
     p.add_argument("--calib-steps", type=int, default=None, help="steps of the calibration run (4)")
     p.add_argument("--cache", default=None, help="where the data shards are built (default $SSL_VIT_CACHE)")
+    p.add_argument("--backbone-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a backbone argument for our runs and their random init, e.g. pos_init_std=1 (repeatable)")
     args = p.parse_args(argv)
+    args.backbone_args = {}
+    for item in args.backbone_arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            p.error(f"--backbone-arg wants KEY=VALUE, got {item!r}")
+        args.backbone_args[key.strip()] = yaml.safe_load(value)
     args.objectives = [o for o in args.objectives.split(",") if o]
     args.datasets = [d for d in args.datasets.split(",") if d]
     bad = [o for o in args.objectives if o not in OBJECTIVES] + [d for d in args.datasets if d not in DATASETS]
@@ -450,6 +459,7 @@ def run(args: argparse.Namespace) -> list[Row]:
 
     work = Path(args.out).resolve()
     backbone, backbone_args = (QUICK_BACKBONE, QUICK_ARGS) if args.quick else (BACKBONE, BACKBONE_ARGS)
+    backbone_args = {**backbone_args, **args.backbone_args}
     limit = (384, 192) if args.quick else (None, None)
     rows: list[Row] = []
 
@@ -524,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     threads = torch.get_num_threads()
     print(f"learning quality: budget {args.budget:.0f} s per run, {'quick smoke test, ' if args.quick else ''}"
-          f"load {os.getloadavg()[0]:.2f}, torch threads {threads}", flush=True)
+          f"load {os.getloadavg()[0]:.2f}, torch threads {threads}"
+          + (f", backbone args {args.backbone_args}" if args.backbone_args else ""), flush=True)
     rows = run(args)
     print()
     print(format_table(rows))

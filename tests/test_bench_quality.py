@@ -63,3 +63,14 @@ def test_patch_knn_reads_what_the_patches_carry():
         images = images.to(torch.uint8)
         split = bench_quality.Split(images[:200], labels[:200], images[200:], labels[200:])
         assert low <= bench_quality.patch_knn(tokens, split, *norm) <= high
+
+
+def test_backbone_args_are_parsed_and_reach_the_pretrain_command(tmp_path, capsys):
+    args = bench_quality.parse_args(["--backbone-arg", "pos_init_std=1", "--backbone-arg", "num_registers=2"])
+    assert args.backbone_args == {"pos_init_std": 1, "num_registers": 2}
+    cmd = bench_quality.pretrain_command("dino", "shards", 3, tmp_path, bench_quality.BACKBONE,
+                                         {**bench_quality.BACKBONE_ARGS, **args.backbone_args}, 1)
+    assert "backbone_args.pos_init_std=1" in cmd and "backbone_args.num_registers=2" in cmd
+    with pytest.raises(SystemExit) as exit_info:
+        bench_quality.parse_args(["--backbone-arg", "pos_init_std"])
+    assert exit_info.value.code == 2 and "KEY=VALUE" in capsys.readouterr().err
