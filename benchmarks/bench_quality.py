@@ -47,9 +47,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from benchmarks.quality_data import DATASETS, dataset_shards, load_split
+from launch.config import LaunchError, parse_set
 
 ROOT = Path(__file__).resolve().parents[1]
 OBJECTIVES = ("dino", "esvit", "ibot", "dinov2", "mae", "simmim", "mpp", "mp3")
@@ -435,12 +435,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backbone-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="a backbone argument for our runs and their random init, e.g. pos_init_std=1 (repeatable)")
     args = p.parse_args(argv)
-    args.backbone_args = {}
-    for item in args.backbone_arg:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            p.error(f"--backbone-arg wants KEY=VALUE, got {item!r}")
-        args.backbone_args[key.strip()] = yaml.safe_load(value)
+    try:  # the launcher's --set parser: KEY=VALUE with YAML values
+        args.backbone_args = parse_set(args.backbone_arg)
+    except LaunchError as err:
+        p.error(f"--backbone-arg wants KEY=VALUE: {err}")
     args.objectives = [o for o in args.objectives.split(",") if o]
     args.datasets = [d for d in args.datasets.split(",") if d]
     bad = [o for o in args.objectives if o not in OBJECTIVES] + [d for d in args.datasets if d not in DATASETS]

@@ -74,3 +74,6 @@ def test_backbone_args_are_parsed_and_reach_the_pretrain_command(tmp_path, capsy
     with pytest.raises(SystemExit) as exit_info:
         bench_quality.parse_args(["--backbone-arg", "pos_init_std"])
     assert exit_info.value.code == 2 and "KEY=VALUE" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # a value that is not YAML: one line, not a traceback
+        bench_quality.parse_args(["--backbone-arg", "pos_init_std=["])
+    assert exit_info.value.code == 2 and "not valid YAML" in capsys.readouterr().err
