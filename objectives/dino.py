@@ -39,7 +39,7 @@ from .ema import (
 from .heads import DINOHead
 from .views import make_views
 
-__all__ = ["Dino", "dino_loss", "dino_view_specs", "encode_views"]
+__all__ = ["Dino", "dino_loss", "dino_view_specs", "encode_views", "view_agreement"]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,34 @@ def teacher_collapse_stats(teacher_logits: torch.Tensor, center: torch.Tensor, t
     q_bar = q.mean(0)
     kl = (q_bar * (q_bar.clamp_min(1e-30).log() + math.log(k))).sum()
     return torch.stack([entropy, kl])
+
+
+@torch.no_grad()
+def view_agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """How much of the teacher's image-to-image variation the student's other views carry: a 0-d float.
+
+    student_logits (V, B, K), the G global views first; teacher_logits (G, B, K). Each view's logits are
+    centred over the batch (what DINO's centre removes) and over the prototypes (what a softmax ignores);
+    over the loss's pairs (teacher view i, student view v != i) returns
+    sum <t_i, s_v> / sum |s_v|^2, the slope of the teacher's centred logits regressed on the student's.
+
+    Near a uniform output the loss's gradient pushes each student logit towards t / teacher_temp - s /
+    student_temp, so the spread of the targets grows when this slope exceeds teacher_temp / student_temp
+    (0.4 for DINO) and shrinks towards a uniform output when it is below: the balance of sharpening and
+    centring of Caron et al. 2021 (Sec. 5.3), read on the views a run actually uses. Views that change an
+    image more than images differ from one another (strong brightness jitter on grey digits) give a slope
+    near 0 at random init. Computed on this process's rows.
+    """
+    s = student_logits.detach().float()
+    t = teacher_logits.detach().float()
+    s = s - s.mean(1, keepdim=True)
+    s = s - s.mean(-1, keepdim=True)
+    t = t - t.mean(1, keepdim=True)
+    t = t - t.mean(-1, keepdim=True)
+    g = t.shape[0]
+    cross = (t * (s.sum(0, keepdim=True) - s[:g])).sum()    # sum over i of sum over v != i of <t_i, s_v>
+    power = g * s.square().sum() - s[:g].square().sum()     # sum over i of sum over v != i of |s_v|^2
+    return cross / power.clamp_min(1e-12)
 
 
 @torch.no_grad()
@@ -230,8 +258,9 @@ class Dino(Objective):
 
     `self.metrics` holds every step: loss, teacher_temp, momentum and the collapse monitor
     `teacher_entropy` / `kl_to_uniform` (`teacher_collapse_stats`) and `feature_rank` (`effective_rank` of the
-    teacher's centred pooled features of the global crops); `collapse_loss()` is ln K, the loss
-    of a uniform output.
+    teacher's centred pooled features of the global crops), `view_agreement` (`view_agreement`) with the
+    `agreement_needed` for the targets to sharpen (teacher_temp / student_temp); `collapse_loss()` is ln K,
+    the loss of a uniform output.
     """
 
     requires = (frozenset(),)
@@ -380,15 +409,19 @@ class Dino(Objective):
         teacher (globals)."""
         s_logits, t_logits = self.view_logits(student, teacher, batch)
         loss = dino_loss(s_logits, t_logits, self.center, self.student_temp, self.teacher_temp)
-        metrics = self.collapse_metrics(t_logits, self.center)
+        metrics = self.collapse_metrics(s_logits, t_logits, self.center)
         if self.training:
             update_center_(self.center, t_logits, self.center_momentum, self.center_started)
         return loss, metrics
 
-    def collapse_metrics(self, t_logits: torch.Tensor, center: torch.Tensor) -> dict[str, torch.Tensor]:
-        """`teacher_entropy` and `kl_to_uniform` of the targets made from t_logits (..., K) and center (K,)."""
+    def collapse_metrics(self, s_logits: torch.Tensor, t_logits: torch.Tensor,
+                         center: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`teacher_entropy` and `kl_to_uniform` of the targets made from t_logits (G, B, K) and center (K,);
+        `view_agreement` of s_logits (V, B, K) and t_logits, and the level it needs, `agreement_needed`
+        (teacher_temp / student_temp)."""
         entropy, kl = teacher_collapse_stats(t_logits, center, self.teacher_temp)
-        return {"teacher_entropy": entropy, "kl_to_uniform": kl}
+        return {"teacher_entropy": entropy, "kl_to_uniform": kl, "view_agreement": view_agreement(s_logits, t_logits),
+                "agreement_needed": entropy.new_tensor(self.teacher_temp / self.student_temp)}
 
     def collapse_loss(self) -> float:
         """ln K: the loss when student and teacher outputs are uniform over the K prototypes."""

@@ -84,7 +84,7 @@ class EsViTTrainer(Dino):
                      batch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         s_logits, t_logits = self.view_logits(student, teacher, batch)
         view_loss = dino_loss(s_logits, t_logits, self.center, self.student_temp, self.teacher_temp)
-        metrics = self.collapse_metrics(t_logits, self.center)  # the view-level targets
+        metrics = self.collapse_metrics(s_logits, t_logits, self.center)  # the view-level targets
         region_loss, t_proj = self.region_loss(student, teacher, batch)
         if self.training:
             update_center_(self.center, t_logits, self.center_momentum, self.center_started)

@@ -20,7 +20,7 @@ from backbones import ViT
 from launch.config import profile_objective_args
 from objectives import Dino, DistillWrapper, EsViTTrainer
 from objectives import esvit as esvit_module
-from objectives.dino import dino_loss, dino_view_specs, effective_rank, teacher_collapse_stats
+from objectives.dino import dino_loss, dino_view_specs, effective_rank, teacher_collapse_stats, view_agreement
 from objectives.ema import cosine_schedule, ema_update_, run_scaled_momentum
 from objectives.views import make_views
 
@@ -432,6 +432,42 @@ def test_metrics_hold_the_collapse_monitor_every_step():
         assert [d.metrics["teacher_entropy"], d.metrics["kl_to_uniform"]] == pytest.approx(want, rel=1e-4, abs=1e-5)
         assert d.collapse_loss() == pytest.approx(math.log(d.num_prototypes))
         assert d.metrics["feature_rank"] == pytest.approx(float(effective_rank(pooled)), rel=1e-4)
+
+
+def test_view_agreement_follows_its_formula():
+    """The slope of the teacher's centred logits on the student's over the loss's pairs, against a loop over
+    the pairs; 1 when every view gives the same output, 0 for unrelated views, -1 for opposite ones."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 6, 7, generator=g).double(), torch.randn(2, 6, 7, generator=g).double()
+
+    def centred(x):
+        x = x - x.mean(0, keepdim=True)
+        return x - x.mean(-1, keepdim=True)
+
+    cross = power = 0.0
+    for i in range(2):
+        for v in range(5):
+            if v != i:
+                cross += float((centred(t[i]) * centred(s[v])).sum())
+                power += float(centred(s[v]).square().sum())
+    assert float(view_agreement(s, t)) == pytest.approx(cross / power, rel=1e-5)
+    same = torch.randn(1, 64, 32, generator=g).repeat(4, 1, 1) + torch.randn(4, 1, 32, generator=g)  # + per-view offset
+    assert float(view_agreement(same, same[:2])) == pytest.approx(1.0, rel=1e-5)
+    assert float(view_agreement(-same, same[:2])) == pytest.approx(-1.0, rel=1e-5)
+    unrelated = torch.randn(4, 4096, 32, generator=g)
+    assert abs(float(view_agreement(unrelated, unrelated[:2].flip(1)))) < 0.05
+
+
+def test_view_agreement_is_in_the_metrics_with_its_need():
+    for cls in (Dino, EsViTTrainer):
+        d = cls(tiny_vit(), **TINY).train()
+        views = make_views(images(4), d.view_specs(), generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            t = d.teacher["head"](d.teacher_backbone.forward_features(torch.cat(views[:2])).pooled).view(2, 4, -1)
+            s = torch.cat([d.head(d.backbone.forward_features(v).pooled).view(1, 4, -1) for v in views])
+        d(views)
+        assert d.metrics["view_agreement"] == pytest.approx(float(view_agreement(s, t)), rel=1e-3, abs=1e-4)
+        assert d.metrics["agreement_needed"] == pytest.approx(d.teacher_temp / d.student_temp)
 
 
 def test_effective_rank_follows_its_formula():

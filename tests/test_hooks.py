@@ -105,6 +105,24 @@ def test_collapse_monitor_sees_dimensional_collapse():
     assert not steady.log.lines
 
 
+def test_collapse_monitor_forecasts_a_drift_to_uniform_from_the_views():
+    """view_agreement below agreement_needed over the first steps: one warning, at the end of them; above it,
+    none."""
+    level = math.log(256)
+    for agreement, warned in ((0.13, True), (0.55, False)):
+        t = trainer(level, metrics={"teacher_entropy": 3.0, "kl_to_uniform": 0.5, "view_agreement": agreement,
+                                    "agreement_needed": 0.4})
+        monitor = CollapseMonitor(t, window=5, agreement_steps=4)
+        for step in range(3):
+            monitor.after_step(t, result(step, 3.0))
+        assert not t.log.lines
+        for step in range(3, 20):
+            monitor.after_step(t, result(step, 3.0))
+        assert len(t.log.lines) == int(warned)
+        if warned:
+            assert "step 4" in t.log.lines[0] and "0.13" in t.log.lines[0] and "0.40" in t.log.lines[0]
+
+
 @pytest.mark.parametrize("mode", ["global", "per_param"])
 def test_clipping_follows_its_formula(mode):
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))

@@ -10,6 +10,11 @@ backbone's features shrink to a few directions (Jing et al. 2022, arXiv:2110.093
 `feature_rank` metric (`objectives.dino.effective_rank` of the teacher's centred pooled features) shows it;
 the monitor smooths it over `rank_smoothing` steps (an EMA) and warns once when it falls below `rank_fraction`
 of the run's smoothed peak. The metrics themselves are logged with every record by the metrics hook.
+
+A forecast, before either target collapse shows: `view_agreement` (`objectives.dino.view_agreement`) below
+`agreement_needed` (teacher_temp / student_temp), averaged over the first `agreement_steps` steps, means the
+run's views change each image more than the sharpening can hold: near a uniform output the targets flatten
+instead of sharpening. The monitor says so once, with what to change.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from .base import Hook, StepResult
 
 class CollapseMonitor(Hook):
     def __init__(self, trainer: Any, window: int | None = None, tolerance: float = 0.01,
-                 rank_fraction: float = 0.25, rank_smoothing: int = 10) -> None:
+                 rank_fraction: float = 0.25, rank_smoothing: int = 10, agreement_steps: int = 5) -> None:
         self.level = trainer.objective.collapse_loss()
         # default: a fifth of the run, between 10 and 50 steps (a few early steps near ln K are normal)
         self.window = window if window is not None else max(10, min(50, trainer.cfg.train.steps // 5))
@@ -33,6 +38,8 @@ class CollapseMonitor(Hook):
         self.rank: float | None = None  # feature_rank smoothed over about `rank_smoothing` steps
         self.rank_peak = 0.0
         self.rank_warned = False
+        self.agreement_steps = agreement_steps
+        self.agreements: list[tuple[float, float]] = []  # (view_agreement, agreement_needed) of the first steps
 
     def after_step(self, trainer: Any, result: StepResult) -> None:
         if self.level is None or result.skipped or not math.isfinite(result.loss):
@@ -41,6 +48,24 @@ class CollapseMonitor(Hook):
         self.watch_targets(trainer, result, metrics)
         if "feature_rank" in metrics:
             self.watch_rank(trainer, result, float(metrics["feature_rank"]))
+        if "view_agreement" in metrics and len(self.agreements) < self.agreement_steps:
+            self.forecast(trainer, result, float(metrics["view_agreement"]), float(metrics["agreement_needed"]))
+
+    def forecast(self, trainer: Any, result: StepResult, agreement: float, needed: float) -> None:
+        if not math.isfinite(agreement):
+            return
+        self.agreements.append((agreement, needed))
+        if len(self.agreements) < self.agreement_steps:
+            return
+        agreement = sum(a for a, _ in self.agreements) / len(self.agreements)
+        needed = sum(n for _, n in self.agreements) / len(self.agreements)
+        if agreement < needed:
+            trainer.log.print(
+                f"warning: step {result.done}: the student's views carry {agreement:.2f} of the teacher's "
+                f"image-to-image variation (view_agreement), below the {needed:.2f} that teacher_temp / student_temp "
+                "needs: the targets will likely drift to a uniform output. Milder views (fewer local crops, "
+                "photometric_augment=false) raise it; a teacher_temp below view_agreement x student_temp lowers "
+                "the need; see docs/recipes.md")
 
     def watch_targets(self, trainer: Any, result: StepResult, metrics: dict[str, Any]) -> None:
         uniform = abs(result.loss - self.level) <= self.tolerance * self.level or \
