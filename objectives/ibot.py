@@ -33,7 +33,7 @@ from torch import nn
 
 from ssl_vit import BackboneOutput, InputShapeError, register_objective
 
-from .dino import Dino, effective_rank, encode_views, teacher_collapse_stats, update_center_, view_agreement
+from .dino import Dino, effective_rank, encode_views, update_center_
 from .ema import linear_warmup
 from .heads import DINOHead
 
@@ -358,9 +358,7 @@ class IBOT(Dino):
             metrics["koleo_loss"] = koleo.detach()
         metrics["mask_ratio"] = mask.float().mean()
         center = self.center if self.centering == "ema" else torch.zeros_like(self.center)
-        entropy, kl = teacher_collapse_stats(t_logits, center, self.teacher_temp)
-        metrics.update(teacher_entropy=entropy, kl_to_uniform=kl, view_agreement=view_agreement(s_logits, t_logits),
-                       agreement_needed=entropy.new_tensor(self.teacher_temp / self.student_temp))
+        metrics.update(self.collapse_metrics(s_logits, t_logits, center))
         if self.training and self.centering == "ema":
             with torch.no_grad():
                 update_center_(self.center, t_logits, self.center_momentum, self.center_started)
