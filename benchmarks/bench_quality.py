@@ -27,7 +27,7 @@ shape) on the same data, budget (calibrated the same way) and read-out; their ro
 DINO's targets and read against their own random init.
 
 Run: `.venv-bench/bin/python -m benchmarks.bench_quality [--objectives dino,mae] [--datasets digits,photos]
-[--budget 300] [--peers] [--out DIR] [--quick]`
+[--budget 300] [--peers] [--out DIR] [--quick] [--backbone-arg K=V] [--set K=V]`
 """
 
 from __future__ import annotations
@@ -185,13 +185,16 @@ def raw_pixels(split: Split, mean: tuple, std: tuple) -> dict:
 
 # ---- ours: pretrain.py under a budget -------------------------------------------------------------
 def pretrain_command(objective: str, data: str, steps: int, out: Path, backbone: str, backbone_args: dict,
-                     log_every: int) -> list[str]:
+                     log_every: int, settings: tuple[str, ...] = ()) -> list[str]:
+    """pretrain.py's command line for one run; `settings` are extra `--set KEY=VALUE` (after the bench's own)."""
     cmd = [sys.executable, "pretrain.py", "--objective", objective, "--backbone", backbone, "--data", data,
            "--steps", str(steps), "--out", str(out), "--set", "profile=demo", "--set", f"data.batch_size={BATCH}",
            "--set", f"train.log_every={log_every}", "--set", f"train.checkpoint_every={steps}",
            "--set", "train.keep_checkpoints=1", "--set", "train.seed=0"]
     for key, value in backbone_args.items():
         cmd += ["--set", f"backbone_args.{key}={value}"]
+    for setting in settings:
+        cmd += ["--set", setting]
     return cmd
 
 
@@ -224,19 +227,19 @@ def step_times(out: Path, log_every: int) -> list[float]:
 
 
 def pretrain_budgeted(objective: str, data: str, budget: float, work: Path, backbone: str, backbone_args: dict,
-                      calib_steps: int) -> dict:
+                      calib_steps: int, settings: tuple[str, ...] = ()) -> dict:
     """Calibrate, then pretrain with --steps set to fit `budget`; returns steps, images/s, wall, export."""
     cal_out = work / "calibrate"
-    cal_wall = run_pretrain(pretrain_command(objective, data, calib_steps, cal_out, backbone, backbone_args, 1),
-                            cal_out, timeout=600 + 60 * calib_steps)
+    cal_cmd = pretrain_command(objective, data, calib_steps, cal_out, backbone, backbone_args, 1, settings)
+    cal_wall = run_pretrain(cal_cmd, cal_out, timeout=600 + 60 * calib_steps)
     times = step_times(cal_out, 1)
     per_step = sorted(times[1:] or times)[len(times[1:] or times) // 2]  # median, the first step is warm-up
     fixed = max(0.0, cal_wall - sum(times))  # start-up, checkpoint, export
     steps = max(1, int((budget - fixed) / per_step))
     out = work / "run"
     log_every = max(1, min(10, steps // 5))
-    wall = run_pretrain(pretrain_command(objective, data, steps, out, backbone, backbone_args, log_every), out,
-                        timeout=3 * budget + 600)
+    cmd = pretrain_command(objective, data, steps, out, backbone, backbone_args, log_every, settings)
+    wall = run_pretrain(cmd, out, timeout=3 * budget + 600)
     times = step_times(out, log_every)
     meta = json.loads((out / "export" / "backbone.json").read_text())
     return {"steps": int(meta.get("step") or steps), "images_per_s": BATCH * len(times) / sum(times), "wall_s": wall,
@@ -434,11 +437,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", default=None, help="where the data shards are built (default $SSL_VIT_CACHE)")
     p.add_argument("--backbone-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="a backbone argument for our runs and their random init, e.g. pos_init_std=1 (repeatable)")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="a pretrain.py --set for our runs, e.g. optim.lr=2.5e-4 (repeatable; not the peers)")
     args = p.parse_args(argv)
     try:  # the launcher's --set parser: KEY=VALUE with YAML values
         args.backbone_args = parse_set(args.backbone_arg)
     except LaunchError as err:
         p.error(f"--backbone-arg wants KEY=VALUE: {err}")
+    try:
+        parse_set(args.settings)
+    except LaunchError as err:
+        p.error(f"--set wants KEY=VALUE: {err}")
+    args.settings = tuple(args.settings)
     args.objectives = [o for o in args.objectives.split(",") if o]
     args.datasets = [d for d in args.datasets.split(",") if d]
     bad = [o for o in args.objectives if o not in OBJECTIVES] + [d for d in args.datasets if d not in DATASETS]
@@ -485,7 +495,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         for objective in args.objectives:
             t0 = time.perf_counter()
             result = pretrain_budgeted(objective, train, args.budget, work / f"{objective}-{dataset}", backbone,
-                                       backbone_args, args.calib_steps)
+                                       backbone_args, args.calib_steps, args.settings)
             norm = data_norm(result["export"])
             if "ours" not in baselines:
                 torch.manual_seed(0)  # what pretrain.py builds at step 0 (train.seed 0)
@@ -533,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     print(f"learning quality: budget {args.budget:.0f} s per run, {'quick smoke test, ' if args.quick else ''}"
           f"load {os.getloadavg()[0]:.2f}, torch threads {threads}"
-          + (f", backbone args {args.backbone_args}" if args.backbone_args else ""), flush=True)
+          + (f", backbone args {args.backbone_args}" if args.backbone_args else "")
+          + (f", settings {' '.join(args.settings)}" if args.settings else ""), flush=True)
     rows = run(args)
     print()
     print(format_table(rows))

@@ -77,3 +77,15 @@ def test_backbone_args_are_parsed_and_reach_the_pretrain_command(tmp_path, capsy
     with pytest.raises(SystemExit) as exit_info:  # a value that is not YAML: one line, not a traceback
         bench_quality.parse_args(["--backbone-arg", "pos_init_std=["])
     assert exit_info.value.code == 2 and "not valid YAML" in capsys.readouterr().err
+
+
+def test_settings_reach_the_pretrain_command_after_the_bench_defaults(tmp_path, capsys):
+    args = bench_quality.parse_args(["--set", "optim.lr=2.5e-4", "--set", "objective_args.num_local_crops=2"])
+    cmd = bench_quality.pretrain_command("dino", "shards", 3, tmp_path, bench_quality.BACKBONE,
+                                         bench_quality.BACKBONE_ARGS, 1, args.settings)
+    sets = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--set"]
+    assert sets[-2:] == ["optim.lr=2.5e-4", "objective_args.num_local_crops=2"]  # last wins over profile=demo
+    assert sets.index("profile=demo") < sets.index("optim.lr=2.5e-4")
+    with pytest.raises(SystemExit) as exit_info:
+        bench_quality.parse_args(["--set", "optim.lr"])
+    assert exit_info.value.code == 2 and "--set wants KEY=VALUE" in capsys.readouterr().err
