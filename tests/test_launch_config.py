@@ -16,7 +16,7 @@ def test_merge_order_defaults_objective_backbone_profile_file_set(tmp_path):
                            sets=["optim.clip_grad=9.5", "objective_args.num_local_crops=3"])
     assert cfg["optim"]["weight_decay_end"] == 0.4          # objective file over defaults
     assert cfg["data"]["image_size"] == 32                  # demo profile over the backbone preset (224)
-    assert cfg["optim"]["lr"] == 0.123                      # --config over the profile (1e-3)
+    assert cfg["optim"]["lr"] == 0.123                      # --config over the profile (demo/dino.yaml: 2.5e-4)
     assert cfg["data"]["batch_size"] == 5
     assert cfg["optim"]["clip_grad"] == 9.5                 # --set over --config
     assert cfg["objective_args"]["num_local_crops"] == 3   # free keys pass through, --set over the profile
