@@ -1,17 +1,18 @@
 """Learning quality at a fixed wall-clock budget: every objective, pretrained, then probed.
 
-For each objective and data set, `python pretrain.py` (the user's command) pretrains a ViT-Ti/4 at
-32 px (`vit_tiny_patch16` with `backbone_args` image_size=32, patch_size=4: dim 192, depth 12, 3 heads,
-65 tokens) under the demo profile's small-run settings (`--set profile=demo`: 32 px views, batch 32,
-lr 1e-3 (2.5e-4 for DINO and EsViT), the objectives' small heads) for a fixed wall-clock budget with a complete schedule: a short
-calibration run (same command, a few steps) gives the start-up cost and the time per step, and
-`--steps` is set so the real run, start-up and export included, fits the budget. The exported backbone
-(`ssl_vit.load_backbone`) is then read out on the held-out split with one logistic-regression probe
-(scikit-learn, standardised pooled features) and the weighted k-NN of launch.knn (k=20, T=0.07),
-always next to the same backbone at random initialisation (the exact weights the run started from)
-and raw pixels. A dense read-out goes with them ("patch" column): the same k-NN on patch tokens against
-the image label map, i.e. each held-out patch token classified by the patch tokens of the training images
-at 16 grid positions drawn once, every token carrying its image's label (raw pixels: the 4x4 patches).
+For each objective and data set, `python pretrain.py` (the user's command) pretrains a ViT-Ti/4 at 32 px
+(`vit_tiny_patch16` with `backbone_args` image_size=32, patch_size=4: dim 192, depth 12, 3 heads, 65
+tokens) under the demo profile's small-run settings (`--set profile=demo`: 32 px views, batch 32, lr
+1e-3 (2.5e-4 for DINO and EsViT), the objectives' small heads) for a fixed wall-clock budget with a
+complete schedule: a short calibration run (same command, a few steps) gives the start-up cost and the
+time per step, and `--steps` is set so the real run, start-up and export included, fits the budget. The
+exported backbone (`ssl_vit.load_backbone`) is then read out on the held-out split with one
+logistic-regression probe (scikit-learn, standardised pooled features) and the weighted k-NN of
+launch.knn (k=20, T=0.07), always next to the same backbone at random initialisation (the exact weights
+the run started from) and raw pixels. A dense read-out goes with them ("patch" column): the same k-NN on
+patch tokens against the image label map, i.e. each held-out patch token classified by the patch tokens
+of the training images at 16 grid positions drawn once, every token carrying its image's label (raw
+pixels: the 4x4 patches).
 
 Data (benchmarks.quality_data): the embedded digits at 32 px and crops of the colour photographs that
 ship with scikit-image and scikit-learn, labelled by source photograph, with spatially disjoint
