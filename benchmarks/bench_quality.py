@@ -3,7 +3,7 @@
 For each objective and data set, `python pretrain.py` (the user's command) pretrains a ViT-Ti/4 at 32 px
 (`vit_tiny_patch16` with `backbone_args` image_size=32, patch_size=4: dim 192, depth 12, 3 heads, 65
 tokens) under the demo profile's small-run settings (`--set profile=demo`: 32 px views, batch 32, lr
-1e-3 (2.5e-4 for DINO and EsViT), the objectives' small heads) for a fixed wall-clock budget with a
+1e-3 (2.5e-4 for DINO, EsViT, iBOT), the objectives' small heads) for a fixed wall-clock budget with a
 complete schedule: a short calibration run (same command, a few steps) gives the start-up cost and the
 time per step, and `--steps` is set so the real run, start-up and export included, fits the budget. The
 exported backbone (`ssl_vit.load_backbone`) is then read out on the held-out split with one
