@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 from benchmarks.quality_data import DATASETS, dataset_shards, load_split
 from launch.config import LaunchError, parse_set
@@ -214,15 +215,21 @@ def run_pretrain(cmd: list[str], out: Path, timeout: float) -> float:
     return wall
 
 
+def run_batch(out: Path) -> int:
+    """The batch a finished run used, from the config it saved (a `--set data.batch_size=N` overrides BATCH)."""
+    return int(yaml.safe_load((out / "config.yaml").read_text())["data"]["batch_size"])
+
+
 def step_times(out: Path, log_every: int) -> list[float]:
-    """Seconds per step of each logged window of a finished run (metrics.jsonl)."""
+    """Seconds per step of each logged window of a finished run (metrics.jsonl), at the run's own batch."""
+    batch = run_batch(out)
     times, last = [], 0
     for line in (out / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         ips = record.get("train/images_per_s")
         if ips:
             steps = record["step"] - last
-            times += [BATCH / ips] * steps
+            times += [batch / ips] * steps
             last = record["step"]
     return times
 
@@ -243,7 +250,8 @@ def pretrain_budgeted(objective: str, data: str, budget: float, work: Path, back
     wall = run_pretrain(cmd, out, timeout=3 * budget + 600)
     times = step_times(out, log_every)
     meta = json.loads((out / "export" / "backbone.json").read_text())
-    return {"steps": int(meta.get("step") or steps), "images_per_s": BATCH * len(times) / sum(times), "wall_s": wall,
+    return {"steps": int(meta.get("step") or steps), "images_per_s": run_batch(out) * len(times) / sum(times),
+            "wall_s": wall,
             "calibration": {"steps": calib_steps, "wall_s": cal_wall, "step_s": per_step, "fixed_s": fixed},
             "export": out / "export"}
 

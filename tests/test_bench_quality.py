@@ -89,3 +89,12 @@ def test_settings_reach_the_pretrain_command_after_the_bench_defaults(tmp_path, 
     with pytest.raises(SystemExit) as exit_info:
         bench_quality.parse_args(["--set", "optim.lr"])
     assert exit_info.value.code == 2 and "--set wants KEY=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("batch", [32, 128])
+def test_step_times_use_the_runs_own_batch(tmp_path, batch):
+    # a `--set data.batch_size=128` run at 32 images/s takes 4 s a step: the budget's step count depends on it
+    (tmp_path / "config.yaml").write_text(f"data:\n  batch_size: {batch}\n")
+    records = [{"step": 2, "train/images_per_s": 32.0}, {"step": 4, "train/images_per_s": 16.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert bench_quality.step_times(tmp_path, 2) == pytest.approx([batch / 32] * 2 + [batch / 16] * 2)
