@@ -48,10 +48,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from benchmarks.quality_data import DATASETS, dataset_shards, load_split
-from launch.config import LaunchError, parse_set
+from launch.config import LaunchError, parse_set, read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 OBJECTIVES = ("dino", "esvit", "ibot", "dinov2", "mae", "simmim", "mpp", "mp3")
@@ -217,10 +216,10 @@ def run_pretrain(cmd: list[str], out: Path, timeout: float) -> float:
 
 def run_batch(out: Path) -> int:
     """The batch a finished run used, from the config it saved (a `--set data.batch_size=N` overrides BATCH)."""
-    return int(yaml.safe_load((out / "config.yaml").read_text())["data"]["batch_size"])
+    return int(read_yaml(out / "config.yaml")["data"]["batch_size"])
 
 
-def step_times(out: Path, log_every: int) -> list[float]:
+def step_times(out: Path) -> list[float]:
     """Seconds per step of each logged window of a finished run (metrics.jsonl), at the run's own batch."""
     batch = run_batch(out)
     times, last = [], 0
@@ -240,7 +239,7 @@ def pretrain_budgeted(objective: str, data: str, budget: float, work: Path, back
     cal_out = work / "calibrate"
     cal_cmd = pretrain_command(objective, data, calib_steps, cal_out, backbone, backbone_args, 1, settings)
     cal_wall = run_pretrain(cal_cmd, cal_out, timeout=600 + 60 * calib_steps)
-    times = step_times(cal_out, 1)
+    times = step_times(cal_out)
     per_step = sorted(times[1:] or times)[len(times[1:] or times) // 2]  # median, the first step is warm-up
     fixed = max(0.0, cal_wall - sum(times))  # start-up, checkpoint, export
     steps = max(1, int((budget - fixed) / per_step))
@@ -248,7 +247,7 @@ def pretrain_budgeted(objective: str, data: str, budget: float, work: Path, back
     log_every = max(1, min(10, steps // 5))
     cmd = pretrain_command(objective, data, steps, out, backbone, backbone_args, log_every, settings)
     wall = run_pretrain(cmd, out, timeout=3 * budget + 600)
-    times = step_times(out, log_every)
+    times = step_times(out)
     meta = json.loads((out / "export" / "backbone.json").read_text())
     return {"steps": int(meta.get("step") or steps), "images_per_s": run_batch(out) * len(times) / sum(times),
             "wall_s": wall,

@@ -97,4 +97,4 @@ def test_step_times_use_the_runs_own_batch(tmp_path, batch):
     (tmp_path / "config.yaml").write_text(f"data:\n  batch_size: {batch}\n")
     records = [{"step": 2, "train/images_per_s": 32.0}, {"step": 4, "train/images_per_s": 16.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert bench_quality.step_times(tmp_path, 2) == pytest.approx([batch / 32] * 2 + [batch / 16] * 2)
+    assert bench_quality.step_times(tmp_path) == pytest.approx([batch / 32] * 2 + [batch / 16] * 2)
