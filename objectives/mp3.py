@@ -20,7 +20,7 @@ from ssl_vit import KV_MASK, POS_FREE, InputShapeError, Objective, ViewSpec, reg
 from ssl_vit.masking import draw_mask
 
 from .losses import position_labels
-from .pooling import with_pool
+from .pooling import with_pool, without_positions
 from .views import resolve_views
 
 __all__ = ["MP3"]
@@ -33,6 +33,7 @@ class MP3(Objective):
 
     requires = (frozenset({POS_FREE, KV_MASK}),)
     trained_pool = "mean"  # the position loss trains the patch tokens, not a class token
+    trained_positions = False  # ... of an encoder that never sees positional embeddings
 
     def __init__(self, vit: nn.Module, *, masking_ratio: float = 0.75,
                  crop_scale: tuple[float, float] = (0.2, 1.0)) -> None:
@@ -51,8 +52,9 @@ class MP3(Objective):
         return self.vit
 
     def export_backbone(self) -> nn.Module:
-        """The encoder, pooling by the mean of its patch tokens where it has that option."""
-        return with_pool(self.vit, self.trained_pool)
+        """The encoder as trained: pooling by the mean of its patch tokens where it has that option, and
+        without positions (its learned ones zeroed: `forward_features(x)` is the trained `use_pos=False` one)."""
+        return without_positions(with_pool(self.vit, self.trained_pool))
 
     def view_specs(self) -> list[ViewSpec]:
         """Random resized crop and flip at the backbone's default size."""

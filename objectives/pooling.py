@@ -14,11 +14,15 @@ with the same weights built with `pool=...` recorded in that recipe, so `ssl_vit
 its export rebuilds it identically. Backbones that already pool that way, or that have no such
 option (their pooling is part of the architecture: hierarchical models average their final map,
 CaiT and XCiT use class attention), come back unchanged.
+
+MP3 trains its encoder without positional embeddings (`use_pos=False`): `without_positions` returns a copy
+whose learned positions are zero, so that its plain `forward_features(x)` is the trained one.
 """
 
 from __future__ import annotations
 
 import logging
+from copy import deepcopy as copy_module
 
 import torch
 from torch import nn
@@ -27,10 +31,10 @@ from ssl_vit import BadArgument
 from ssl_vit.export import backbone_spec, build_from_meta
 from ssl_vit.token_backbone import TokenBackbone
 
-__all__ = ["with_pool"]
+__all__ = ["with_pool", "without_positions"]
 
 logger = logging.getLogger(__name__)
-_warned: set[str] = set()
+_warned: set = set()
 
 
 def with_pool(backbone: nn.Module, pool: str) -> nn.Module:
@@ -64,3 +68,26 @@ def with_pool(backbone: nn.Module, pool: str) -> nn.Module:
     if param is not None:
         copy.to(device=param.device, dtype=param.dtype)
     return copy.train(backbone.training)
+
+
+def without_positions(backbone: nn.Module) -> nn.Module:
+    """A copy of `backbone` whose `forward_features(x)` equals `backbone.forward_features(x, use_pos=False)`:
+    its learned patch and class-token positions set to zero (adding zeros changes nothing, at any grid size).
+
+    The features of an encoder trained without positions (MP3) shift when untrained positions are added
+    back. Backbones whose positions are computed (sin-cos) or not a `TokenBackbone`'s come back unchanged,
+    with one warning.
+    """
+    if not isinstance(backbone, TokenBackbone) or backbone.pos != "learned":
+        name = type(backbone).__name__
+        if (name, "pos") not in _warned:
+            _warned.add((name, "pos"))
+            logger.warning("%s computes its positions: its export adds them to an encoder trained without them; "
+                           "read it with forward_features(x, use_pos=False)", name)
+        return backbone
+    copy = copy_module(backbone)
+    with torch.no_grad():
+        copy.pos_embed.weight.zero_()
+        if copy.prefix_pos is not None:
+            copy.prefix_pos.zero_()
+    return copy

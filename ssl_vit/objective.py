@@ -60,6 +60,9 @@ class Objective(nn.Module):
     # The pooling of the final tokens the loss trains ("mean": MAE, SimMIM, MPP, MP3), which the exported
     # backbone uses; None: the backbone's own (DINO trains the class token it pools).
     trained_pool: str | None = None
+    # False: the loss trains the backbone without positional embeddings (`use_pos=False`, MP3); the export has
+    # them switched off and the monitors read the backbone that way.
+    trained_positions: bool = True
 
     def __init__(self, backbone: nn.Module) -> None:
         super().__init__()

@@ -164,15 +164,51 @@ def test_export_pools_the_trained_patch_tokens(objective, tmp_path):
     assert torch.equal(torch.get_rng_state(), rng), "building the export must not move the training RNG"
     x = make_input(backbone, batch=2)
     with torch.no_grad():
-        out, ref = exported.forward_features(x), backbone.forward_features(x)
+        out, ref = exported.forward_features(x), backbone.forward_features(x, use_pos=model.trained_positions)
         torch.testing.assert_close(out.pooled, out.patch_tokens.mean(dim=1))
-        torch.testing.assert_close(out.patch_tokens, ref.patch_tokens)  # same weights
+        torch.testing.assert_close(out.patch_tokens, ref.patch_tokens)  # same weights, read as trained
         assert not torch.allclose(ref.pooled, out.pooled)
     assert backbone.pool == "cls", "the training backbone keeps its own pooling"
     assert exported.registry_overrides["pool"] == "mean"
     ssl_vit.save_backbone(exported, tmp_path / "export", objective=objective, step=0)
     with torch.no_grad():
         assert torch.equal(ssl_vit.load_backbone(tmp_path / "export")(x), exported(x))
+
+
+def test_mp3_exports_its_encoder_without_positions(tmp_path):
+    # MP3 trains with use_pos=False: its export must give those features from a plain forward, not add back
+    # the untrained positions (which shift every token), and the training backbone keeps its own.
+    torch.manual_seed(0)
+    backbone = ssl_vit.create_backbone("vit_tiny")
+    assert backbone.pos_embed.weight.abs().sum() > 0 and backbone.prefix_pos is not None
+    with torch.no_grad():
+        backbone.prefix_pos.normal_()  # nonzero class-token positions too, as after a load
+    model = ssl_vit.create_objective("mp3", backbone, **tiny_overrides("mp3")).eval()
+    assert model.trained_positions is False
+    exported = model.export_backbone()
+    x = make_input(backbone, batch=2)
+    with torch.no_grad():
+        trained = backbone.forward_features(x, use_pos=False)
+        out = exported.forward_features(x)
+        torch.testing.assert_close(out.patch_tokens, trained.patch_tokens)
+        torch.testing.assert_close(out.pooled, trained.patch_tokens.mean(dim=1))
+        assert not torch.allclose(backbone.forward_features(x).patch_tokens, trained.patch_tokens)
+    assert backbone.pos_embed.weight.abs().sum() > 0 and backbone.prefix_pos.abs().sum() > 0
+    ssl_vit.save_backbone(exported, tmp_path / "export", objective="mp3", step=0)
+    with torch.no_grad():
+        loaded = ssl_vit.load_backbone(tmp_path / "export").forward_features(x)
+    torch.testing.assert_close(loaded.pooled, trained.patch_tokens.mean(dim=1))
+
+
+def test_mp3_warns_where_positions_are_computed(caplog, monkeypatch):
+    import objectives.pooling
+
+    monkeypatch.setattr(objectives.pooling, "_warned", set())  # warned once per process: earlier tests may have
+    backbone = ssl_vit.create_backbone("simple_vit_tiny")  # sin-cos positions: no weights to zero
+    model = ssl_vit.create_objective("mp3", backbone, **tiny_overrides("mp3"))
+    with caplog.at_level("WARNING", logger="objectives.pooling"):
+        assert model.export_backbone() is backbone
+    assert any("use_pos=False" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("name", ["simple_vit_tiny", "ats_vit_tiny", "cvt_tiny"])

@@ -5,7 +5,8 @@ the labelled `--val-data` logged every `train.online_probe_every` steps next to 
 It never touches the backbone's gradients or the random state: features are computed in eval mode without a
 graph (no dropout draws), and the head is not in the run's optimizer. The feature is the one the objective
 trains (`Objective.trained_pool`: the mean of the patch tokens for masked-image objectives, else the pooled
-output). The head restarts after a resume (it is a monitor, not part of the checkpoint).
+output; without positions where `Objective.trained_positions` is False).
+The head restarts after a resume (it is a monitor, not part of the checkpoint).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def probe_features(trainer: Any, images: torch.Tensor) -> torch.Tensor:
     backbone.eval()
     try:
         with torch.no_grad():
-            out = backbone.forward_features(x)
+            out = backbone.forward_features(x, use_pos=objective.trained_positions)
     finally:
         backbone.train(was_training)
     feats = out.patch_tokens.mean(1) if objective.trained_pool == "mean" else out.pooled
