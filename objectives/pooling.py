@@ -34,7 +34,7 @@ from ssl_vit.token_backbone import TokenBackbone
 __all__ = ["with_pool", "without_positions"]
 
 logger = logging.getLogger(__name__)
-_warned: set = set()
+_warned: set[str] = set()  # backbone classes warned about, once per process
 
 
 def with_pool(backbone: nn.Module, pool: str) -> nn.Module:
@@ -75,15 +75,16 @@ def without_positions(backbone: nn.Module) -> nn.Module:
     its learned patch and class-token positions set to zero (adding zeros changes nothing, at any grid size).
 
     The features of an encoder trained without positions (MP3) shift when untrained positions are added
-    back. Backbones whose positions are computed (sin-cos) or not a `TokenBackbone`'s come back unchanged,
-    with one warning.
+    back. Backbones without a `TokenBackbone`'s learned position table (sin-cos positions: SimpleViT; CrossViT's
+    per-branch positions) come back unchanged, with one warning.
     """
     if not isinstance(backbone, TokenBackbone) or backbone.pos != "learned":
         name = type(backbone).__name__
-        if (name, "pos") not in _warned:
-            _warned.add((name, "pos"))
-            logger.warning("%s computes its positions: its export adds them to an encoder trained without them; "
-                           "read it with forward_features(x, use_pos=False)", name)
+        if f"{name} positions" not in _warned:
+            _warned.add(f"{name} positions")
+            logger.warning("%s has no learned position table to zero (sin-cos or its own positions): its export adds "
+                           "positions to an encoder trained without them; read it with forward_features(x, "
+                           "use_pos=False)", name)
         return backbone
     copy = copy_module(backbone)
     with torch.no_grad():
