@@ -203,7 +203,8 @@ def test_mp3_exports_its_encoder_without_positions(tmp_path):
 def test_mp3_warns_where_positions_are_computed(caplog, monkeypatch):
     import objectives.pooling
 
-    monkeypatch.setattr(objectives.pooling, "_warned", set())  # warned once per process: earlier tests may have
+    # it warns once per process, and earlier tests may have used up that warning
+    monkeypatch.setattr(objectives.pooling, "_warned", set())
     backbone = ssl_vit.create_backbone("simple_vit_tiny")  # sin-cos positions: no weights to zero
     model = ssl_vit.create_objective("mp3", backbone, **tiny_overrides("mp3"))
     with caplog.at_level("WARNING", logger="objectives.pooling"):
