@@ -256,10 +256,9 @@ def pretrain_budgeted(objective: str, data: str, budget: float, work: Path, back
 
 
 def data_norm(export: Path) -> tuple[tuple, tuple]:
-    import yaml
-
-    cfg = yaml.safe_load((export / "config.yaml").read_text()) if (export / "config.yaml").is_file() else {}
-    d = (cfg or {}).get("data") or {}
+    """The (mean, std) an export was trained with, from its saved config; ImageNet's where it has none."""
+    cfg = read_yaml(export / "config.yaml") if (export / "config.yaml").is_file() else {}
+    d = cfg.get("data") or {}
     return tuple(d.get("mean", IMAGENET[0])), tuple(d.get("std", IMAGENET[1]))
 
 
