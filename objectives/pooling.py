@@ -34,7 +34,7 @@ from ssl_vit.token_backbone import TokenBackbone
 __all__ = ["with_pool", "without_positions"]
 
 logger = logging.getLogger(__name__)
-_warned: set[str] = set()  # backbone classes warned about, once per process
+_warned: set[str] = set()  # warnings given, once per process: a backbone class, or "<class> positions"
 
 
 def with_pool(backbone: nn.Module, pool: str) -> nn.Module:
