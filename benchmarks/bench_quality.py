@@ -219,9 +219,10 @@ def run_batch(out: Path) -> int:
     return int(read_yaml(out / "config.yaml")["data"]["batch_size"])
 
 
-def step_times(out: Path) -> list[float]:
-    """Seconds per step of each logged window of a finished run (metrics.jsonl), at the run's own batch."""
-    batch = run_batch(out)
+def step_times(out: Path, batch: int | None = None) -> list[float]:
+    """Seconds per step of each logged window of a finished run (metrics.jsonl), at the run's own batch
+    (read from its config unless given)."""
+    batch = run_batch(out) if batch is None else batch
     times, last = [], 0
     for line in (out / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
@@ -247,9 +248,10 @@ def pretrain_budgeted(objective: str, data: str, budget: float, work: Path, back
     log_every = max(1, min(10, steps // 5))
     cmd = pretrain_command(objective, data, steps, out, backbone, backbone_args, log_every, settings)
     wall = run_pretrain(cmd, out, timeout=3 * budget + 600)
-    times = step_times(out)
+    batch = run_batch(out)
+    times = step_times(out, batch)
     meta = json.loads((out / "export" / "backbone.json").read_text())
-    return {"steps": int(meta.get("step") or steps), "images_per_s": run_batch(out) * len(times) / sum(times),
+    return {"steps": int(meta.get("step") or steps), "images_per_s": batch * len(times) / sum(times),
             "wall_s": wall,
             "calibration": {"steps": calib_steps, "wall_s": cal_wall, "step_s": per_step, "fixed_s": fixed},
             "export": out / "export"}

@@ -54,7 +54,8 @@ class MP3(Objective):
     def export_backbone(self) -> nn.Module:
         """The encoder as trained: pooling by the mean of its patch tokens where it has that option, and
         without positions (its learned ones zeroed: `forward_features(x)` is the trained `use_pos=False` one)."""
-        return without_positions(with_pool(self.vit, self.trained_pool))
+        pooled = with_pool(self.vit, self.trained_pool)
+        return without_positions(pooled, copy=pooled is self.vit)  # with_pool may have copied it already
 
     def view_specs(self) -> list[ViewSpec]:
         """Random resized crop and flip at the backbone's default size."""

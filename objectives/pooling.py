@@ -70,9 +70,10 @@ def with_pool(backbone: nn.Module, pool: str) -> nn.Module:
     return copy.train(backbone.training)
 
 
-def without_positions(backbone: nn.Module) -> nn.Module:
+def without_positions(backbone: nn.Module, copy: bool = True) -> nn.Module:
     """A copy of `backbone` whose `forward_features(x)` equals `backbone.forward_features(x, use_pos=False)`:
     its learned patch and class-token positions set to zero (adding zeros changes nothing, at any grid size).
+    `copy=False` zeroes them in `backbone` itself, for a module the caller has just copied.
 
     The features of an encoder trained without positions (MP3) shift when untrained positions are added
     back. Backbones without a `TokenBackbone`'s learned position table (sin-cos positions: SimpleViT; CrossViT's
@@ -86,9 +87,9 @@ def without_positions(backbone: nn.Module) -> nn.Module:
                            "positions to an encoder trained without them; read it with forward_features(x, "
                            "use_pos=False)", name)
         return backbone
-    copy = copy_module(backbone)
+    out = copy_module(backbone) if copy else backbone
     with torch.no_grad():
-        copy.pos_embed.weight.zero_()
-        if copy.prefix_pos is not None:
-            copy.prefix_pos.zero_()
-    return copy
+        out.pos_embed.weight.zero_()
+        if out.prefix_pos is not None:
+            out.prefix_pos.zero_()
+    return out

@@ -175,11 +175,12 @@ def test_export_pools_the_trained_patch_tokens(objective, tmp_path):
         assert torch.equal(ssl_vit.load_backbone(tmp_path / "export")(x), exported(x))
 
 
-def test_mp3_exports_its_encoder_without_positions(tmp_path):
+@pytest.mark.parametrize("pool", ["cls", "mean"])  # "mean": with_pool returns the backbone itself, not a copy
+def test_mp3_exports_its_encoder_without_positions(tmp_path, pool):
     # MP3 trains with use_pos=False: its export must give those features from a plain forward, not add back
     # the untrained positions (which shift every token), and the training backbone keeps its own.
     torch.manual_seed(0)
-    backbone = ssl_vit.create_backbone("vit_tiny")
+    backbone = ssl_vit.create_backbone("vit_tiny", pool=pool)
     assert backbone.pos_embed.weight.abs().sum() > 0 and backbone.prefix_pos is not None
     with torch.no_grad():
         backbone.prefix_pos.normal_()  # nonzero class-token positions too, as after a load
