@@ -39,7 +39,7 @@ from .ema import (
 from .heads import DINOHead
 from .views import make_views
 
-__all__ = ["Dino", "dino_loss", "dino_view_specs", "encode_views", "view_agreement"]
+__all__ = ["Dino", "dino_loss", "dino_view_specs", "encode_views", "koleo_loss", "view_agreement"]
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,28 @@ def effective_rank(features: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     return torch.exp(-(p * p.log()).sum())
 
 
+def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo regulariser (Sablayrolles et al. 2019; DINOv2's `KoLeoLoss`, Oquab et al. 2023, Sec. 4).
+
+    x (..., B, D): features, one set of B per leading index -> (...,): -(1 / B) sum_i log d_i, where d_i is
+    the Euclidean distance from the l2-normalised x_i to its nearest other point of its set. Computed in
+    fp32 with autocast off; d_i is clamped at `eps` so duplicate points give a finite value (-log eps) and
+    zero gradient instead of inf (the reference's `log(d + eps)` reaches inf in half precision). Sets of
+    fewer than two points give 0.
+    """
+    b = x.shape[-2]
+    if b < 2:
+        return x.new_zeros(x.shape[:-2], dtype=torch.float32)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        z = F.normalize(x.float(), dim=-1, eps=eps)
+        dots = z @ z.transpose(-1, -2)                                           # (..., B, B)
+        eye = torch.eye(b, dtype=torch.bool, device=x.device)
+        nearest = dots.masked_fill(eye, -math.inf).argmax(-1)                   # (..., B)
+        neighbour = torch.gather(z, -2, nearest[..., None].expand_as(z))
+        dist2 = (z - neighbour).pow(2).sum(-1)
+        return -0.5 * dist2.clamp_min(eps * eps).log().mean(-1)
+
+
 def _started_centres_of_older_checkpoints(module: nn.Module, state_dict: dict, prefix: str, *_args) -> None:
     """A state dict written before the `*_started` flags of the centres existed holds centres that are running."""
     for name, buffer in module.named_buffers(recurse=False):
@@ -237,7 +259,8 @@ class Dino(Objective):
     before the crops of global view 1 (and the local crops) / global view 2, on top of DINO's recipe.
     `photometric_augment=False` keeps the crops and flips only; `head_init_std` see `DINOHead.init_std`;
     `use_bn_in_head` batch norm in the head's MLP (DINO's `--use_bn_in_head`; the teacher's use batch
-    statistics while training, as DINO's).
+    statistics while training, as DINO's); `koleo_weight` adds DINOv2's KoLeo regulariser on the student's
+    pooled global crops (`koleo_loss`, Oquab et al. 2023; 0, DINO's loss alone, unless given).
 
     Schedules are functions of (step, total_steps), so one recipe serves a 68-step run and a
     125 k-step one:
@@ -296,6 +319,7 @@ class Dino(Objective):
         head_init_std: float | None = 0.02,
         photometric_augment: bool = True,
         use_bn_in_head: bool = False,
+        koleo_weight: float = 0.0,
     ) -> None:
         super().__init__(net)
         if projection_layers < 2:
@@ -323,6 +347,7 @@ class Dino(Objective):
         self.photometric_augment = photometric_augment
         self.head_init_std = head_init_std
         self.use_bn_in_head = use_bn_in_head
+        self.koleo_weight = float(koleo_weight)
         if hidden_layer is not None:
             log.debug("%s ignores hidden_layer=%r: features come from forward_features", type(self).__name__,
                       hidden_layer)
@@ -396,7 +421,12 @@ class Dino(Objective):
         student = encode_views(self.backbone, views)
         with torch.no_grad():
             teacher = encode_views(self.teacher_backbone, views[:g])
-        loss, metrics = self.compute_loss(student, teacher, views[0].shape[0])
+        batch = views[0].shape[0]
+        loss, metrics = self.compute_loss(student, teacher, batch)
+        if self.koleo_weight:
+            koleo = self.koleo_term(student[0][1].pooled[: g * batch], batch)
+            loss = loss + self.koleo_weight * koleo
+            metrics["koleo_loss"] = koleo.detach()
         metrics["feature_rank"] = effective_rank(teacher[0][1].pooled)  # the globals' pooled features
         names = ["loss", *metrics]
         values = torch.stack([loss.detach().float(), *(m.float() for m in metrics.values())]).tolist()  # one sync
@@ -413,6 +443,11 @@ class Dino(Objective):
         if self.training:
             update_center_(self.center, t_logits, self.center_momentum, self.center_started)
         return loss, metrics
+
+    def koleo_term(self, pooled: torch.Tensor, batch: int) -> torch.Tensor:
+        """KoLeo of the student's pooled global crops (G*B, D), one set per crop, summed over the crops
+        (DINOv2's `koleo_loss(p) for p in student_cls_tokens.chunk(2)`)."""
+        return koleo_loss(pooled.view(self.num_global_crops, batch, -1)).sum()
 
     def collapse_metrics(self, s_logits: torch.Tensor, t_logits: torch.Tensor,
                          center: torch.Tensor) -> dict[str, torch.Tensor]:

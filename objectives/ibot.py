@@ -33,7 +33,7 @@ from torch import nn
 
 from ssl_vit import BackboneOutput, InputShapeError, register_objective
 
-from .dino import Dino, effective_rank, encode_views, update_center_
+from .dino import Dino, effective_rank, encode_views, koleo_loss, update_center_
 from .ema import linear_warmup
 from .heads import DINOHead
 
@@ -110,28 +110,6 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
         q = q / _all_reduce(q.sum(1, keepdim=True)).clamp_min(1e-30) / k
         q = q / q.sum(0, keepdim=True).clamp_min(1e-30) / total
     return (q * total).t()
-
-
-def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """KoLeo regulariser (Sablayrolles et al. 2019; DINOv2's `KoLeoLoss`, Oquab et al. 2023, Sec. 4).
-
-    x (..., B, D): features, one set of B per leading index -> (...,): -(1 / B) sum_i log d_i, where d_i is
-    the Euclidean distance from the l2-normalised x_i to its nearest other point of its set. Computed in
-    fp32 with autocast off; d_i is clamped at `eps` so duplicate points give a finite value (-log eps) and
-    zero gradient instead of inf (the reference's `log(d + eps)` reaches inf in half precision). Sets of
-    fewer than two points give 0.
-    """
-    b = x.shape[-2]
-    if b < 2:
-        return x.new_zeros(x.shape[:-2], dtype=torch.float32)
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        z = F.normalize(x.float(), dim=-1, eps=eps)
-        dots = z @ z.transpose(-1, -2)                                           # (..., B, B)
-        eye = torch.eye(b, dtype=torch.bool, device=x.device)
-        nearest = dots.masked_fill(eye, -math.inf).argmax(-1)                   # (..., B)
-        neighbour = torch.gather(z, -2, nearest[..., None].expand_as(z))
-        dist2 = (z - neighbour).pow(2).sum(-1)
-        return -0.5 * dist2.clamp_min(eps * eps).log().mean(-1)
 
 
 # ---- masks -------------------------------------------------------------------------------------------
@@ -240,7 +218,7 @@ class IBOT(Dino):
                  patch_center_over: str = "all", mask_probability: float = 0.5, pred_ratio: float = 0.3,
                  pred_ratio_var: float = 0.2, mask_sampling: str = "bernoulli", min_block_cells: int | None = None,
                  block_aspect: Sequence[float] = (0.3, 1 / 0.3), mask_start_step: int = 0, centering: str = "ema",
-                 sinkhorn_iterations: int = 3, koleo_weight: float = 0.0, **dino_args) -> None:
+                 sinkhorn_iterations: int = 3, **dino_args) -> None:
         if centering not in CENTERINGS:
             raise ValueError(f"centering must be one of {', '.join(CENTERINGS)}, got {centering!r}")
         if patch_center_over not in ("all", "masked"):
@@ -253,7 +231,7 @@ class IBOT(Dino):
         self._patch_setup = (bool(shared_head), patch_k)  # read by build_extra_heads during Dino.__init__
         super().__init__(net, image_size, num_classes_K=num_classes_K, teacher_temp=teacher_temp,
                          teacher_temp_final=teacher_temp_final, global_lower_crop_scale=global_lower_crop_scale,
-                         **dino_args)
+                         **dino_args)  # koleo_weight (0; DINOv2 0.1) is Dino's
         self.teacher_patch_temp_start, self.teacher_patch_temp_final = teacher_patch_temp, teacher_patch_temp_final
         self.teacher_patch_temp = teacher_patch_temp
         self.cls_loss_weight, self.patch_loss_weight = cls_loss_weight, patch_loss_weight
@@ -265,7 +243,6 @@ class IBOT(Dino):
         self.block_aspect = (float(block_aspect[0]), float(block_aspect[1]))
         self.mask_start_step = int(mask_start_step)
         self.centering, self.sinkhorn_iterations = centering, int(sinkhorn_iterations)
-        self.koleo_weight = float(koleo_weight)
 
     # ---- heads ------------------------------------------------------------------------------------------
     def build_extra_heads(self, dim: int, k: int, hidden: int, bottleneck: int, nlayers: int, norm_last: bool) -> None:
@@ -353,7 +330,7 @@ class IBOT(Dino):
         loss = self.cls_loss_weight * cls_loss + self.patch_loss_weight * patch_loss
         metrics = {"cls_loss": cls_loss.detach(), "patch_loss": patch_loss.detach()}
         if self.koleo_weight:
-            koleo = koleo_loss(student.pooled.view(g, batch, -1)).sum()         # per global crop, summed
+            koleo = self.koleo_term(student.pooled, batch)
             loss = loss + self.koleo_weight * koleo
             metrics["koleo_loss"] = koleo.detach()
         metrics["mask_ratio"] = mask.float().mean()

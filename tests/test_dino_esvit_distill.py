@@ -558,3 +558,28 @@ def test_dino_blur_sigma_is_the_references_at_224_px_and_scales_with_the_global_
     blurs = {spec.name: (spec.blur, spec.blur_sigma) for spec in dino_view_specs((32, 32), (12, 12), 2)}
     assert blurs["global_1"] == (1.0, pytest.approx((0.1 * 32 / 224, 2.0 * 32 / 224)))
     assert blurs["local"][1] == blurs["global_1"][1]  # as in DINO: one sigma range for every crop
+
+
+def ref_koleo(x: torch.Tensor) -> torch.Tensor:
+    """KoLeo of one set (B, D), written out: -(1/B) sum_i log min_j!=i ||x_i/|x_i| - x_j/|x_j|||."""
+    z = [v / v.norm() for v in x.double()]
+    return -sum(math.log(min((z[i] - z[j]).norm() for j in range(len(z)) if j != i)) for i in range(len(z))) / len(z)
+
+
+@pytest.mark.parametrize("cls, args", [(Dino, TINY), (EsViTTrainer, TINY)])
+def test_koleo_weight_adds_koleo_of_the_students_global_crops(cls, args):
+    # DINOv2's regulariser as a DINO / EsViT option: the loss grows by weight x KoLeo of the student's pooled
+    # features of each global crop (one set per crop, summed), and a weight of 0 leaves DINO's loss alone.
+    x = images(4)
+    torch.manual_seed(3)
+    views = make_views(x, cls(tiny_vit(), **args).view_specs())
+    out = {}
+    for w in (0.0, 0.5):
+        model = cls(tiny_vit(), **args, koleo_weight=w).train()
+        out[w] = (model(views), dict(model.metrics))
+    assert "koleo_loss" not in out[0.0][1]
+    with torch.no_grad():
+        pooled = tiny_vit().forward_features(torch.cat(views[:2])).pooled.view(2, 4, -1)
+    want = sum(ref_koleo(p) for p in pooled)
+    assert out[0.5][1]["koleo_loss"] == pytest.approx(want, rel=1e-4)
+    assert (out[0.5][0] - out[0.0][0]).item() == pytest.approx(0.5 * want, rel=1e-4)
