@@ -423,10 +423,7 @@ class Dino(Objective):
             teacher = encode_views(self.teacher_backbone, views[:g])
         batch = views[0].shape[0]
         loss, metrics = self.compute_loss(student, teacher, batch)
-        if self.koleo_weight:
-            koleo = self.koleo_term(student[0][1].pooled[: g * batch], batch)
-            loss = loss + self.koleo_weight * koleo
-            metrics["koleo_loss"] = koleo.detach()
+        loss = self.add_koleo(loss, metrics, student[0][1].pooled[: g * batch], batch)
         metrics["feature_rank"] = effective_rank(teacher[0][1].pooled)  # the globals' pooled features
         names = ["loss", *metrics]
         values = torch.stack([loss.detach().float(), *(m.float() for m in metrics.values())]).tolist()  # one sync
@@ -444,10 +441,16 @@ class Dino(Objective):
             update_center_(self.center, t_logits, self.center_momentum, self.center_started)
         return loss, metrics
 
-    def koleo_term(self, pooled: torch.Tensor, batch: int) -> torch.Tensor:
-        """KoLeo of the student's pooled global crops (G*B, D), one set per crop, summed over the crops
-        (DINOv2's `koleo_loss(p) for p in student_cls_tokens.chunk(2)`)."""
-        return koleo_loss(pooled.view(self.num_global_crops, batch, -1)).sum()
+    def add_koleo(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], pooled: torch.Tensor,
+                  batch: int) -> torch.Tensor:
+        """`loss` plus `koleo_weight` x KoLeo of the student's pooled global crops (G*B, D), one set per crop,
+        summed over the crops (DINOv2's `koleo_loss(p) for p in student_cls_tokens.chunk(2)`); the term goes
+        into `metrics["koleo_loss"]`. `loss` unchanged at weight 0."""
+        if not self.koleo_weight:
+            return loss
+        koleo = koleo_loss(pooled.view(self.num_global_crops, batch, -1)).sum()
+        metrics["koleo_loss"] = koleo.detach()
+        return loss + self.koleo_weight * koleo
 
     def collapse_metrics(self, s_logits: torch.Tensor, t_logits: torch.Tensor,
                          center: torch.Tensor) -> dict[str, torch.Tensor]:

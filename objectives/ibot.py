@@ -329,10 +329,7 @@ class IBOT(Dino):
 
         loss = self.cls_loss_weight * cls_loss + self.patch_loss_weight * patch_loss
         metrics = {"cls_loss": cls_loss.detach(), "patch_loss": patch_loss.detach()}
-        if self.koleo_weight:
-            koleo = self.koleo_term(student.pooled, batch)
-            loss = loss + self.koleo_weight * koleo
-            metrics["koleo_loss"] = koleo.detach()
+        loss = self.add_koleo(loss, metrics, student.pooled, batch)
         metrics["mask_ratio"] = mask.float().mean()
         center = self.center if self.centering == "ema" else torch.zeros_like(self.center)
         metrics.update(self.collapse_metrics(s_logits, t_logits, center))
